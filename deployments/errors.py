@@ -1,0 +1,68 @@
+"""The service's error tree: each error carries its HTTP status and a stable code.
+
+They are turned into ``{"error": {"code": ..., "message": ...}}`` responses in one
+place (``serve_app``). Messages are written for the caller: they never hold a
+traceback, a server path or a library version.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadParameter(ServiceError):
+    status = 400
+    code = "bad_parameter"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
+class UnknownModel(ServiceError):
+    status = 404
+    code = "unknown_model"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedImage(ServiceError):
+    status = 415
+    code = "unsupported_image"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ModelUnavailable(ServiceError):
+    """Raised at start when a model cannot be found or loaded; never per request."""
+
+    status = 503
+    code = "model_unavailable"
+
+
+class InferenceFailed(ServiceError):
+    status = 500
+    code = "inference_failed"

@@ -1,0 +1,42 @@
+"""Preprocess stage: a decoded image -> the model's input.
+
+Split in two so that little data crosses between deployments: the ingress
+resizes to the model size (``model_input``, uint8, 3 bytes a pixel) and the model
+replica normalises a whole batch (``normalize_batch``, float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from deployments.models import ModelSpec
+
+
+def model_input(img: Image.Image, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """The image resized to ``size`` (width, height): uint8 array (height, width, 3).
+
+    rembg resizes the RGB image with LANCZOS; parity needs exactly that.
+    """
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return np.asarray(rgb.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def normalize_batch(
+    images: Sequence[npt.NDArray[np.uint8]], spec: ModelSpec
+) -> npt.NDArray[np.float32]:
+    """Stack uint8 (H, W, 3) images into the float32 (N, 3, H, W) model input.
+
+    rembg's quirks, kept for parity: each image is scaled by its own maximum
+    (not by 255), the arithmetic is float64, and the cast to float32 comes last.
+    """
+    mean = np.asarray(spec.mean, dtype=np.float64)
+    std = np.asarray(spec.std, dtype=np.float64)
+    out = np.empty((len(images), 3, spec.size[1], spec.size[0]), dtype=np.float32)
+    for i, image in enumerate(images):
+        scaled = image / max(float(image.max()), 1e-6)
+        out[i] = ((scaled - mean) / std).transpose(2, 0, 1)
+    return out

@@ -1,0 +1,86 @@
+"""The service's settings: one validated model, fed from serve_config.yaml.
+
+``AppSettings`` is the application's ``args`` block; ``BatchSettings`` is a model
+deployment's ``user_config`` (applied live by ``reconfigure``). Unknown keys are
+rejected so that a typo in the config fails at start, not silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.models import MODEL_TABLE
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """One served model: a name from the model table, optionally a file path."""
+
+    name: str
+    path: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in MODEL_TABLE:
+            raise ValueError(
+                f"unknown model {name!r}; supported: {', '.join(sorted(MODEL_TABLE))}"
+            )
+        return name
+
+
+class Limits(_Strict):
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
+    # 50 megapixels: a 24-megapixel photo fits twice over; a decompression bomb
+    # (Pillow warns above ~89 MP and raises above ~179 MP) does not.
+    max_pixels: int = Field(default=50_000_000, gt=0)
+    max_side: int = Field(default=20_000, gt=0)
+
+
+class AppSettings(_Strict):
+    """The application's ``args`` in serve_config.yaml."""
+
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(name="u2netp")], min_length=1
+    )
+    # Model used when a request names none (rembg's server defaults to
+    # bria-rmbg; this service defaults to its first configured model).
+    default_model: str | None = None
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    # GPU fraction per model replica where the device is a GPU.
+    num_gpus: float = Field(default=0.25, gt=0, le=1)
+    # CPUs per model replica; ONNX Runtime's thread count follows it.
+    num_cpus: float = Field(default=1, gt=0)
+    # Threads in the ingress's pool for decode/resize/compose/encode; None means
+    # the cores of the node it runs on.
+    ingress_threads: int | None = Field(default=None, gt=0)
+    limits: Limits = Field(default_factory=Limits)
+    png_compress_level: int = Field(default=1, ge=0, le=9)
+
+    @model_validator(mode="after")
+    def _default_is_configured(self) -> AppSettings:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a model is listed twice: {names}")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(
+                f"default_model {self.default_model!r} is not among models {names}"
+            )
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0].name
+
+
+class BatchSettings(_Strict):
+    """A model deployment's ``user_config``: changes apply live."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=10)
