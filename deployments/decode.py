@@ -16,10 +16,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.settings import Limits
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+# MPO (multi-picture JPEG) opens through the JPEG plugin.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 # Pillow's own bomb guard stays on as a second line; our limits are tighter.
 Image.MAX_IMAGE_PIXELS = 100_000_000
+# Register every plugin now: Pillow loads some lazily,
+# and Image.open(formats=...) fails on a name not registered yet.
+Image.init()
 
 
 def decode(data: bytes, limits: Limits) -> Image.Image:

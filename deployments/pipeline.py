@@ -1,0 +1,64 @@
+"""The stages chained: what the ingress runs around the model call.
+
+``prepare`` (decode + resize) runs before the model, ``finish`` (mask upscale,
+compose, encode) after it; ``remove`` chains them around an in-process model for
+the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from deployments.compose import RemoveOptions, compose, mask_to_size
+from deployments.decode import decode
+from deployments.encode import encode
+from deployments.infer import OnnxModel
+from deployments.models import ModelSpec
+from deployments.preprocess import model_input
+from deployments.settings import Limits
+
+
+@dataclass(frozen=True)
+class Prepared:
+    image: Image.Image
+    model_input: npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Finished:
+    body: bytes
+    width: int
+    height: int
+
+
+def prepare(data: bytes, spec: ModelSpec, limits: Limits) -> Prepared:
+    image = decode(data, limits)
+    return Prepared(image=image, model_input=model_input(image, spec.size))
+
+
+def finish(
+    image: Image.Image,
+    mask: npt.NDArray[np.uint8],
+    options: RemoveOptions,
+    png_compress_level: int,
+) -> Finished:
+    cutout = compose(image, mask_to_size(mask, image.size), options)
+    body = encode(cutout, options.format, png_compress_level)
+    return Finished(body=body, width=image.width, height=image.height)
+
+
+def remove(
+    data: bytes,
+    model: OnnxModel,
+    options: RemoveOptions | None = None,
+    limits: Limits | None = None,
+    png_compress_level: int = 1,
+) -> Finished:
+    """The whole pipeline in this process, one image."""
+    prepared = prepare(data, model.spec, limits or Limits())
+    mask = model.predict([prepared.model_input])[0]
+    return finish(prepared.image, mask, options or RemoveOptions(), png_compress_level)

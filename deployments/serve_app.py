@@ -1,0 +1,379 @@
+"""The Serve layer: an HTTP ingress and one batched model deployment per model.
+
+Thin on purpose: the ingress parses, validates and runs the pure stages in its
+thread pool; ``ModelServer`` loads and warms its session in ``__init__``, applies
+batch knobs in ``reconfigure`` and groups requests with ``@serve.batch``.
+``build_app`` is the application builder named in serve_config.yaml.
+"""
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments import __version__
+from deployments.compose import RemoveOptions
+from deployments.encode import MEDIA_TYPES
+from deployments.errors import (
+    InferenceFailed,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    UnknownModel,
+)
+from deployments.http import query_options, read_body, read_multipart, rembg_options
+from deployments.infer import OnnxModel, RuntimeConfig, gpu_mem_limit_bytes
+from deployments.models import resolve_model_file, spec_for
+from deployments.pipeline import Finished, finish, prepare
+from deployments.settings import AppSettings, BatchSettings, ModelConfig
+
+logger = logging.getLogger("ray.serve")
+
+T = TypeVar("T")
+
+api = FastAPI(
+    title="rembg-serve",
+    version=__version__,
+    description="Background removal with rembg's models on Ray Serve.",
+    docs_url="/docs",
+    redoc_url=None,
+    openapi_url="/openapi.json",
+)
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    headers = {}
+    if isinstance(error, Overloaded):
+        headers["Retry-After"] = str(error.retry_after_s)
+    return JSONResponse(
+        {"error": {"code": error.code, "message": error.message}},
+        status_code=error.status,
+        headers=headers,
+    )
+
+
+@api.exception_handler(ServiceError)
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return error_response(exc)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = ServiceError(str(exc.detail))
+    error.status, error.code = exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(error)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    logger.info("request validation failed: %s", exc.errors())
+    error = ServiceError("the request is malformed")
+    error.status, error.code = 400, "bad_parameter"
+    return error_response(error)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s", request.url.path)
+    return error_response(ServiceError("internal error"))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _service_error_from(exc: BaseException) -> ServiceError:
+    """Map what a model call raised to what the caller sees; never a traceback."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ServiceError):
+        return cause
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return Overloaded("the model queue is full; retry shortly")
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return Overloaded("a model replica is restarting; retry shortly")
+    logger.error("model call failed: %r", exc)
+    return InferenceFailed("inference failed")
+
+
+def _replica_resources() -> tuple[float, list[int]]:
+    context = ray.get_runtime_context()
+    cpus = float(context.get_assigned_resources().get("CPU", 1.0))
+    return cpus, [int(g) for g in ray.get_gpu_ids()]
+
+
+def _gpu_total_memory(physical_id: int) -> int | None:
+    """The card's memory in bytes through NVML, when nvidia-ml-py is installed."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(physical_id)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+    except Exception:
+        return None
+
+
+@serve.deployment(name="Model")
+class ModelServer:
+    """One model's ONNX Runtime session, warm before ready, batched with Serve."""
+
+    def __init__(self, model: dict[str, Any], num_gpus: float) -> None:
+        config = ModelConfig.model_validate(model)
+        self.name = config.name
+        self.spec = spec_for(config.name)
+        self.num_gpus = num_gpus
+        self.batch = BatchSettings()
+        self.last_ok = 0.0
+        # Shape 1 here; reconfigure() warms every shape up to user_config's
+        # max_batch_size, and Serve calls it before the replica reports ready.
+        self.model = self._load(config.path, 1)
+        logger.info(
+            "model loaded: %s on %s (load %.2fs, warm-up %.2fs, shapes %s, batched %s)",
+            self.name,
+            self.model.provider,
+            self.model.report.load_s,
+            self.model.report.warmup_s,
+            self.model.report.shapes,
+            self.model.batchable,
+        )
+
+    def _load(self, path: Path | None, max_batch_size: int) -> OnnxModel:
+        cpus, gpu_ids = _replica_resources()
+        use_gpu = bool(gpu_ids) and self.num_gpus > 0
+        total = _gpu_total_memory(gpu_ids[0]) if use_gpu else None
+        runtime = RuntimeConfig(
+            use_gpu=use_gpu,
+            # Ray sets CUDA_VISIBLE_DEVICES to the assigned card: it is device 0 here.
+            device_id=0,
+            intra_op_threads=max(1, math.ceil(cpus)),
+            gpu_mem_limit=gpu_mem_limit_bytes(self.num_gpus, total) if total else None,
+        )
+        self.path = resolve_model_file(self.name, path)
+        return OnnxModel(self.path, self.spec, runtime, max_batch_size)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        batch = BatchSettings.model_validate(user_config)
+        # Warm any new batch shape before the knob lets a batch of that size form.
+        started = time.perf_counter()
+        await asyncio.to_thread(self.model.warm, batch.max_batch_size)
+        logger.info(
+            "model %s: warm at batch shapes %s (%.2fs)",
+            self.name,
+            self.model.buckets,
+            time.perf_counter() - started,
+        )
+        self._predict_batch.set_max_batch_size(batch.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+        self.batch = batch
+        logger.info("model %s: batch settings %s", self.name, batch.model_dump())
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _predict_batch(
+        self, images: list[npt.NDArray[np.uint8]]
+    ) -> list[npt.NDArray[np.uint8] | ServiceError]:
+        try:
+            masks = await asyncio.to_thread(self.model.predict, images)
+        except ServiceError as exc:
+            if len(images) == 1:
+                return [exc]
+            # Isolate the image that broke the batch: its batchmates still succeed.
+            return [await self._predict_one(image) for image in images]
+        self.last_ok = time.monotonic()
+        return list(masks)
+
+    async def _predict_one(
+        self, image: npt.NDArray[np.uint8]
+    ) -> npt.NDArray[np.uint8] | ServiceError:
+        try:
+            return (await asyncio.to_thread(self.model.predict, [image]))[0]
+        except ServiceError as exc:
+            return exc
+
+    async def predict(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """One model-size uint8 (H, W, 3) image -> its uint8 (H, W) mask."""
+        result = await self._predict_batch(image)
+        if isinstance(result, ServiceError):
+            raise result
+        return result
+
+    async def check_health(self) -> None:
+        # A batch served recently proves the session runs; otherwise probe it.
+        if time.monotonic() - self.last_ok < 30:
+            return
+        width, height = self.spec.size
+        probe = np.zeros((height, width, 3), dtype=np.uint8)
+        await asyncio.to_thread(self.model.predict, [probe])
+        self.last_ok = time.monotonic()
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "file": self.path.name,
+            "input_size": list(self.spec.size),
+            "device": "gpu" if self.model.runtime.use_gpu else "cpu",
+            "provider": self.model.provider,
+            "intra_op_threads": self.model.runtime.intra_op_threads,
+            "batched": self.model.batchable,
+            "batch_shapes": self.model.buckets,
+            "max_batch_size": self.batch.max_batch_size,
+            "batch_wait_timeout_s": self.batch.batch_wait_timeout_s,
+            "load_s": round(self.model.report.load_s, 3),
+            "warmup_s": round(self.model.report.warmup_s, 3),
+        }
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP: parse, validate, decode and compose here; the mask comes from a model."""
+
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self.settings = AppSettings.model_validate(settings)
+        self.models = models
+        self.specs = {name: spec_for(name) for name in models}
+        threads = self.settings.ingress_threads or os.cpu_count() or 2
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ingress")
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
+
+    async def _remove(self, data: bytes, options: RemoveOptions) -> tuple[Finished, str]:
+        name = options.model or self.settings.default_model_name
+        handle = self.models.get(name)
+        if handle is None:
+            raise UnknownModel(
+                f"model {name!r} is not served here; available: {', '.join(self.models)}"
+            )
+        prepared = await self._in_pool(prepare, data, self.specs[name], self.settings.limits)
+        try:
+            mask = await handle.predict.remote(prepared.model_input)
+        except Exception as exc:
+            raise _service_error_from(exc) from exc
+        finished = await self._in_pool(
+            finish, prepared.image, mask, options, self.settings.png_compress_level
+        )
+        return finished, name
+
+    def _image_response(self, result: tuple[Finished, str], options: RemoveOptions) -> Response:
+        finished, name = result
+        return Response(
+            finished.body,
+            media_type=MEDIA_TYPES[options.format],
+            headers={
+                "X-Width": str(finished.width),
+                "X-Height": str(finished.height),
+                "X-Model": name,
+            },
+        )
+
+    @api.post("/api/remove", summary="Remove the background (rembg-compatible)")
+    async def api_remove(self, request: Request) -> Response:
+        upload = await read_multipart(request, self.settings.limits.max_upload_bytes)
+        options = rembg_options(upload.fields, dict(request.query_params))
+        return self._image_response(await self._remove(upload.data, options), options)
+
+    @api.post("/remove", summary="Remove the background (raw body or multipart)")
+    async def remove(self, request: Request) -> Response:
+        options = query_options(dict(request.query_params))
+        limit = self.settings.limits.max_upload_bytes
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            data = (await read_multipart(request, limit)).data
+        else:
+            data = await read_body(request, limit)
+        return self._image_response(await self._remove(data, options), options)
+
+    async def _model_infos(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any] | None]:
+        async def one(handle: DeploymentHandle) -> dict[str, Any] | None:
+            try:
+                info: dict[str, Any] = await asyncio.wait_for(
+                    handle.info.remote(), timeout_s
+                )
+                return info
+            except Exception:
+                return None
+
+        infos = await asyncio.gather(*(one(h) for h in self.models.values()))
+        return dict(zip(self.models, infos, strict=True))
+
+    @api.get("/healthz", summary="200 when every configured model is warm")
+    async def healthz(self) -> JSONResponse:
+        infos = await self._model_infos()
+        warm = {name: info is not None for name, info in infos.items()}
+        status = 200 if all(warm.values()) else 503
+        return JSONResponse(
+            {"status": "ok" if status == 200 else "unavailable", "models": warm},
+            status_code=status,
+        )
+
+    @api.get("/models", summary="Configured models, their device and batch settings")
+    async def list_models(self) -> dict[str, Any]:
+        infos = await self._model_infos()
+        return {
+            "default": self.settings.default_model_name,
+            "models": [
+                info if info is not None else {"name": name, "ready": False}
+                for name, info in infos.items()
+            ],
+        }
+
+    @api.get("/{path:path}", include_in_schema=False)
+    async def not_found(self, path: str) -> Response:
+        raise NotFound(f"no route /{path}")
+
+
+def _cluster_gpus() -> float:
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def use_gpu_for(device: str, cluster_gpus: float) -> bool:
+    """``auto`` takes the GPU path exactly when the cluster has GPUs.
+
+    A cluster that autoscales GPU nodes from zero shows none until one is up:
+    set ``device: gpu`` there, so that replicas ask for GPUs and nodes come.
+    """
+    if device == "gpu":
+        return True
+    if device == "cpu":
+        return False
+    return cluster_gpus > 0
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder for serve_config.yaml's ``import_path``."""
+    settings = AppSettings.model_validate(args)
+    gpu = use_gpu_for(settings.device, _cluster_gpus())
+    actor_options: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if gpu:
+        actor_options["num_gpus"] = settings.num_gpus
+    handles = {}
+    for model in settings.models:
+        deployment = ModelServer.options(
+            name=f"Model_{model.name}",
+            ray_actor_options=actor_options,
+            user_config=BatchSettings().model_dump(),
+        )
+        handles[model.name] = deployment.bind(
+            model.model_dump(mode="json"), settings.num_gpus if gpu else 0.0
+        )
+    logger.info("building app: device %s, models %s", "gpu" if gpu else "cpu", list(handles))
+    return Ingress.bind(settings.model_dump(mode="json"), handles)

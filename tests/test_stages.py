@@ -1,0 +1,167 @@
+"""Pure pipeline stages, no Ray: decode, preprocess, infer, compose, encode."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED_IMAGES, assert_parity, gradient, image_bytes
+from deployments.compose import RemoveOptions, compose
+from deployments.decode import decode
+from deployments.encode import encode
+from deployments.errors import PayloadTooLarge, UnsupportedImage
+from deployments.infer import OnnxModel, masks_from_output, plan_chunks
+from deployments.models import spec_for
+from deployments.pipeline import remove
+from deployments.preprocess import model_input, normalize_batch
+from deployments.settings import Limits
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1"])
+def test_decode_gives_rgb_or_rgba(mode: str) -> None:
+    img = gradient(mode=mode)
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    out = decode(image_bytes(img, fmt), Limits())
+    assert out.mode == ("RGBA" if mode in ("RGBA", "LA") else "RGB")
+    assert out.size == (64, 48)
+
+
+def test_decode_keeps_palette_transparency() -> None:
+    img = gradient().convert("P")
+    img.info["transparency"] = 0
+    out = decode(image_bytes(img, "PNG", transparency=0), Limits())
+    assert out.mode == "RGBA"
+    assert np.asarray(out)[..., 3].min() == 0
+
+
+def test_decode_scales_16_bit_instead_of_clipping() -> None:
+    values = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    out = decode(image_bytes(Image.fromarray(values), "PNG"), Limits())
+    gray = np.asarray(out)[..., 0]
+    assert out.mode == "RGB"
+    # Scaled: the brightest pixel is near white and the image is not mostly white.
+    assert gray.max() >= 250
+    assert (gray == 255).mean() < 0.05
+
+
+def test_decode_applies_exif_orientation() -> None:
+    img = gradient(64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    out = decode(image_bytes(img, "JPEG", exif=exif.tobytes()), Limits())
+    assert out.size == (48, 64)
+
+
+def test_decode_takes_first_frame_of_animation() -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
+    data = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    out = decode(data, Limits())
+    assert out.getpixel((0, 0))[:3] == (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", UnsupportedImage),
+        (b"hello, not an image", UnsupportedImage),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedImage),
+        (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", UnsupportedImage),
+        (image_bytes(gradient(), "JPEG")[:200], UnsupportedImage),
+        (image_bytes(gradient(), "PNG")[:60], UnsupportedImage),
+    ],
+)
+def test_decode_refuses_bad_input(data: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        decode(data, Limits())
+
+
+def test_decode_refuses_too_many_pixels_before_decoding() -> None:
+    big = image_bytes(Image.new("L", (4000, 3000)), "PNG")
+    with pytest.raises(PayloadTooLarge, match="pixels"):
+        decode(big, Limits(max_pixels=10_000_000))
+
+
+def test_decode_refuses_a_long_side() -> None:
+    with pytest.raises(PayloadTooLarge, match="side"):
+        decode(image_bytes(Image.new("L", (5000, 1)), "PNG"), Limits(max_side=4000))
+
+
+def test_model_input_is_model_size_uint8() -> None:
+    arr = model_input(gradient(100, 50, "RGBA"), (320, 320))
+    assert arr.shape == (320, 320, 3) and arr.dtype == np.uint8
+
+
+def test_normalize_matches_rembg_arithmetic() -> None:
+    spec = spec_for("u2netp")
+    img = np.asarray(gradient(320, 320))
+    ours = normalize_batch([img], spec)[0]
+    # rembg's BaseSession.normalize, written out.
+    scaled = img / max(np.max(img), 1e-6)
+    want = np.zeros((320, 320, 3))
+    for c in range(3):
+        want[:, :, c] = (scaled[:, :, c] - spec.mean[c]) / spec.std[c]
+    assert np.array_equal(ours, want.transpose((2, 0, 1)).astype(np.float32))
+
+
+def test_constant_mask_gives_zeros_not_nan() -> None:
+    masks = masks_from_output(np.full((2, 8, 8), 0.5, dtype=np.float32), spec_for("u2netp"))
+    assert all(m.dtype == np.uint8 and m.max() == 0 for m in masks)
+
+
+@pytest.mark.parametrize(
+    ("n", "pad", "want"),
+    [
+        (7, False, [(4, 4), (2, 2), (1, 1)]),
+        (7, True, [(7, 8)]),
+        (3, True, [(3, 4)]),
+        (8, False, [(8, 8)]),
+        (20, True, [(8, 8), (8, 8), (4, 4)]),
+    ],
+)
+def test_plan_chunks(n: int, pad: bool, want: list[tuple[int, int]]) -> None:
+    assert plan_chunks(n, [1, 2, 4, 8], pad) == want
+
+
+def test_batch_of_n_equals_n_single_runs(u2netp: OnnxModel) -> None:
+    images = [model_input(gradient(90 + 10 * i, 60), (320, 320)) for i in range(3)]
+    together = u2netp.predict(images)
+    for image, mask in zip(images, together, strict=True):
+        assert np.array_equal(u2netp.predict([image])[0], mask)
+
+
+def test_model_is_batched_and_warm(u2netp: OnnxModel) -> None:
+    assert u2netp.batchable
+    assert u2netp.report.shapes == [1, 2, 4]
+    assert u2netp.provider == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("path", SHARED_IMAGES, ids=lambda p: p.name)
+def test_in_process_pipeline_matches_rembg(
+    path: object, u2netp: OnnxModel, reference_outputs: dict[str, bytes]
+) -> None:
+    from pathlib import Path
+
+    assert isinstance(path, Path)
+    result = remove(path.read_bytes(), u2netp)
+    assert_parity(path.name, result.body, reference_outputs[path.name])
+
+
+def test_compose_options() -> None:
+    img = gradient(40, 30)
+    mask = Image.fromarray(np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1)), "L")
+    only = compose(img, mask, RemoveOptions(only_mask=True))
+    assert only.mode == "L" and np.array_equal(np.asarray(only), np.asarray(mask))
+    colored = compose(img, mask, RemoveOptions(bgcolor=(0, 0, 255, 255)))
+    assert colored.mode == "RGBA" and colored.getpixel((0, 0)) == (0, 0, 255, 255)
+    matted = compose(img, mask, RemoveOptions(alpha_matting=True))
+    assert matted.size == img.size and matted.mode == "RGBA"
+
+
+@pytest.mark.parametrize(("fmt", "magic"), [("png", b"\x89PNG"), ("webp", b"RIFF")])
+def test_encode(fmt: str, magic: bytes) -> None:
+    body = encode(gradient(mode="RGBA"), fmt)  # type: ignore[arg-type]
+    assert body.startswith(magic)
+    assert Image.open(io.BytesIO(body)).size == (64, 48)
