@@ -7,12 +7,15 @@ batch knobs in ``reconfigure`` and groups requests with ``@serve.batch``.
 """
 
 import asyncio
+import hmac
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +25,7 @@ import numpy.typing as npt
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -36,6 +40,7 @@ from deployments.errors import (
     NotFound,
     Overloaded,
     ServiceError,
+    Unauthorized,
     UnknownModel,
 )
 from deployments.http import query_options, read_body, read_multipart, rembg_options
@@ -140,11 +145,13 @@ class ModelServer:
         self.name = config.name
         self.spec = spec_for(config.name)
         self.num_gpus = num_gpus
+        self.default_path = config.path
         self.batch = BatchSettings()
         self.last_ok = 0.0
+        self.batch_sizes: Counter[int] = Counter()
         # Shape 1 here; reconfigure() warms every shape up to user_config's
         # max_batch_size, and Serve calls it before the replica reports ready.
-        self.model = self._load(config.path, 1)
+        self.model, self.path = self._load(config.path, 1)
         logger.info(
             "model loaded: %s on %s (load %.2fs, warm-up %.2fs, shapes %s, batched %s)",
             self.name,
@@ -155,7 +162,7 @@ class ModelServer:
             self.model.batchable,
         )
 
-    def _load(self, path: Path | None, max_batch_size: int) -> OnnxModel:
+    def _load(self, path: Path | None, max_batch_size: int) -> tuple[OnnxModel, Path]:
         cpus, gpu_ids = _replica_resources()
         use_gpu = bool(gpu_ids) and self.num_gpus > 0
         total = _gpu_total_memory(gpu_ids[0]) if use_gpu else None
@@ -166,14 +173,33 @@ class ModelServer:
             intra_op_threads=max(1, math.ceil(cpus)),
             gpu_mem_limit=gpu_mem_limit_bytes(self.num_gpus, total) if total else None,
         )
-        self.path = resolve_model_file(self.name, path)
-        return OnnxModel(self.path, self.spec, runtime, max_batch_size)
+        resolved = resolve_model_file(self.name, path)
+        return OnnxModel(resolved, self.spec, runtime, max_batch_size), resolved
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         batch = BatchSettings.model_validate(user_config)
-        # Warm any new batch shape before the knob lets a batch of that size form.
         started = time.perf_counter()
-        await asyncio.to_thread(self.model.warm, batch.max_batch_size)
+        source_changed = (batch.model_path, batch.model_version) != (
+            self.batch.model_path,
+            self.batch.model_version,
+        )
+        if source_changed:
+            # Load and warm the new session while the old one keeps serving, then
+            # swap: batches already running finish on the old session.
+            model, path = await asyncio.to_thread(
+                self._load, batch.model_path or self.default_path, batch.max_batch_size
+            )
+            self.model, self.path = model, path
+            logger.info(
+                "model %s: swapped to %s (version %s) in %.2fs",
+                self.name,
+                path.name,
+                batch.model_version,
+                time.perf_counter() - started,
+            )
+        else:
+            # Warm any new batch shape before the knob lets a batch that size form.
+            await asyncio.to_thread(self.model.warm, batch.max_batch_size)
         logger.info(
             "model %s: warm at batch shapes %s (%.2fs)",
             self.name,
@@ -189,6 +215,7 @@ class ModelServer:
     async def _predict_batch(
         self, images: list[npt.NDArray[np.uint8]]
     ) -> list[npt.NDArray[np.uint8] | ServiceError]:
+        self.batch_sizes[len(images)] += 1
         try:
             masks = await asyncio.to_thread(self.model.predict, images)
         except ServiceError as exc:
@@ -235,6 +262,9 @@ class ModelServer:
             "batch_shapes": self.model.buckets,
             "max_batch_size": self.batch.max_batch_size,
             "batch_wait_timeout_s": self.batch.batch_wait_timeout_s,
+            "model_version": self.batch.model_version,
+            # Batches this replica formed, by size, since it started.
+            "batch_sizes_formed": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "load_s": round(self.model.report.load_s, 3),
             "warmup_s": round(self.model.report.warmup_s, 3),
         }
@@ -251,6 +281,43 @@ class Ingress:
         self.specs = {name: spec_for(name) for name in models}
         threads = self.settings.ingress_threads or os.cpu_count() or 2
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ingress")
+        self.in_flight = 0
+        self.api_key = self.settings.api_key or (
+            os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
+        )
+        if self.settings.api_key_env and not self.api_key:
+            raise RuntimeError(
+                f"api_key_env names {self.settings.api_key_env}, which is not set"
+            )
+        if self.settings.cors_origins:
+            # The middleware stack is built on the first request, after __init__.
+            api.add_middleware(
+                CORSMiddleware,
+                allow_origins=self.settings.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=["X-Width", "X-Height", "X-Model"],
+            )
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("x-api-key", "")
+        bearer = request.headers.get("authorization", "")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:].strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise Unauthorized("a valid API key is required (X-API-Key header)")
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        if self.in_flight >= self.settings.max_in_flight:
+            raise Overloaded("the service is at capacity; retry shortly")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
@@ -286,19 +353,23 @@ class Ingress:
 
     @api.post("/api/remove", summary="Remove the background (rembg-compatible)")
     async def api_remove(self, request: Request) -> Response:
-        upload = await read_multipart(request, self.settings.limits.max_upload_bytes)
-        options = rembg_options(upload.fields, dict(request.query_params))
-        return self._image_response(await self._remove(upload.data, options), options)
+        self._authorize(request)
+        with self._admitted():
+            upload = await read_multipart(request, self.settings.limits.max_upload_bytes)
+            options = rembg_options(upload.fields, dict(request.query_params))
+            return self._image_response(await self._remove(upload.data, options), options)
 
     @api.post("/remove", summary="Remove the background (raw body or multipart)")
     async def remove(self, request: Request) -> Response:
-        options = query_options(dict(request.query_params))
-        limit = self.settings.limits.max_upload_bytes
-        if request.headers.get("content-type", "").lower().startswith("multipart/"):
-            data = (await read_multipart(request, limit)).data
-        else:
-            data = await read_body(request, limit)
-        return self._image_response(await self._remove(data, options), options)
+        self._authorize(request)
+        with self._admitted():
+            options = query_options(dict(request.query_params))
+            limit = self.settings.limits.max_upload_bytes
+            if request.headers.get("content-type", "").lower().startswith("multipart/"):
+                data = (await read_multipart(request, limit)).data
+            else:
+                data = await read_body(request, limit)
+            return self._image_response(await self._remove(data, options), options)
 
     async def _model_infos(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any] | None]:
         async def one(handle: DeploymentHandle) -> dict[str, Any] | None:

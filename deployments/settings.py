@@ -62,6 +62,16 @@ class AppSettings(_Strict):
     ingress_threads: int | None = Field(default=None, gt=0)
     limits: Limits = Field(default_factory=Limits)
     png_compress_level: int = Field(default=1, ge=0, le=9)
+    # Requests an ingress replica works on at once; the next get 503 + Retry-After
+    # at once instead of queueing without bound.
+    max_in_flight: int = Field(default=48, gt=0)
+    # Optional API key: when set, /remove and /api/remove need it in `X-API-Key`
+    # or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an
+    # environment variable of the replicas, to a key written in the config.
+    api_key: str | None = Field(default=None, min_length=16)
+    api_key_env: str | None = None
+    # Browser origins allowed to call the API (CORS); empty keeps CORS off.
+    cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _default_is_configured(self) -> AppSettings:
@@ -80,7 +90,13 @@ class AppSettings(_Strict):
 
 
 class BatchSettings(_Strict):
-    """A model deployment's ``user_config``: changes apply live."""
+    """A model deployment's ``user_config``: changes apply live.
+
+    Changing ``model_path`` or ``model_version`` loads and warms a new session
+    beside the serving one, then swaps them: no request is dropped.
+    """
 
     max_batch_size: int = Field(default=8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=10)
+    model_path: Path | None = None
+    model_version: str | None = None
