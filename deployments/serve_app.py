@@ -32,7 +32,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import __version__
+from deployments import __version__, openapi
 from deployments.compose import RemoveOptions
 from deployments.encode import MEDIA_TYPES
 from deployments.errors import (
@@ -45,11 +45,14 @@ from deployments.errors import (
 )
 from deployments.http import query_options, read_body, read_multipart, rembg_options
 from deployments.infer import OnnxModel, RuntimeConfig, gpu_mem_limit_bytes
+from deployments.metrics import IngressMetrics, ModelMetrics
 from deployments.models import resolve_model_file, spec_for
 from deployments.pipeline import Finished, finish, prepare
 from deployments.settings import AppSettings, BatchSettings, ModelConfig
 
 logger = logging.getLogger("ray.serve")
+
+STATIC = Path(__file__).parent / "static"
 
 T = TypeVar("T")
 
@@ -149,6 +152,7 @@ class ModelServer:
         self.batch = BatchSettings()
         self.last_ok = 0.0
         self.batch_sizes: Counter[int] = Counter()
+        self.metrics = ModelMetrics()
         # Shape 1 here; reconfigure() warms every shape up to user_config's
         # max_batch_size, and Serve calls it before the replica reports ready.
         self.model, self.path = self._load(config.path, 1)
@@ -213,8 +217,10 @@ class ModelServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _predict_batch(
-        self, images: list[npt.NDArray[np.uint8]]
+        self, items: list[tuple[npt.NDArray[np.uint8], float]]
     ) -> list[npt.NDArray[np.uint8] | ServiceError]:
+        started = time.monotonic()
+        images = [image for image, _ in items]
         self.batch_sizes[len(images)] += 1
         try:
             masks = await asyncio.to_thread(self.model.predict, images)
@@ -224,6 +230,17 @@ class ModelServer:
             # Isolate the image that broke the batch: its batchmates still succeed.
             return [await self._predict_one(image) for image in images]
         self.last_ok = time.monotonic()
+        self.metrics.batch(
+            self.name, len(images), [started - t for _, t in items], self.last_ok - started
+        )
+        logger.info(
+            "batch done",
+            extra={
+                "model": self.name,
+                "batch_size": len(images),
+                "inference_ms": round((self.last_ok - started) * 1000, 1),
+            },
+        )
         return list(masks)
 
     async def _predict_one(
@@ -236,7 +253,7 @@ class ModelServer:
 
     async def predict(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """One model-size uint8 (H, W, 3) image -> its uint8 (H, W) mask."""
-        result = await self._predict_batch(image)
+        result = await self._predict_batch((image, time.monotonic()))
         if isinstance(result, ServiceError):
             raise result
         return result
@@ -281,6 +298,7 @@ class Ingress:
         self.specs = {name: spec_for(name) for name in models}
         threads = self.settings.ingress_threads or os.cpu_count() or 2
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ingress")
+        self.metrics = IngressMetrics()
         self.in_flight = 0
         self.api_key = self.settings.api_key or (
             os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
@@ -324,20 +342,48 @@ class Ingress:
 
     async def _remove(self, data: bytes, options: RemoveOptions) -> tuple[Finished, str]:
         name = options.model or self.settings.default_model_name
+        try:
+            return await self._remove_with(name, data, options), name
+        except ServiceError as exc:
+            self.metrics.failed(name if name in self.models else "-", exc.code)
+            raise
+
+    async def _remove_with(self, name: str, data: bytes, options: RemoveOptions) -> Finished:
         handle = self.models.get(name)
         if handle is None:
             raise UnknownModel(
                 f"model {name!r} is not served here; available: {', '.join(self.models)}"
             )
+        started = time.perf_counter()
         prepared = await self._in_pool(prepare, data, self.specs[name], self.settings.limits)
+        inferred = time.perf_counter()
         try:
             mask = await handle.predict.remote(prepared.model_input)
         except Exception as exc:
             raise _service_error_from(exc) from exc
+        composed = time.perf_counter()
         finished = await self._in_pool(
             finish, prepared.image, mask, options, self.settings.png_compress_level
         )
-        return finished, name
+        done = time.perf_counter()
+        pre_s, model_s, post_s = inferred - started, composed - inferred, done - composed
+        self.metrics.done(name, pre_s, post_s, len(data), len(finished.body))
+        logger.info(
+            "image done",
+            extra={
+                "model": name,
+                "width": finished.width,
+                "height": finished.height,
+                "bytes_in": len(data),
+                "bytes_out": len(finished.body),
+                "timings_ms": {
+                    "pre": round(pre_s * 1000, 1),
+                    "model": round(model_s * 1000, 1),
+                    "post": round(post_s * 1000, 1),
+                },
+            },
+        )
+        return finished
 
     def _image_response(self, result: tuple[Finished, str], options: RemoveOptions) -> Response:
         finished, name = result
@@ -351,7 +397,12 @@ class Ingress:
             },
         )
 
-    @api.post("/api/remove", summary="Remove the background (rembg-compatible)")
+    @api.post(
+        "/api/remove",
+        summary="Remove the background (rembg-compatible)",
+        openapi_extra=openapi.rembg_remove(),
+        response_class=Response,
+    )
     async def api_remove(self, request: Request) -> Response:
         self._authorize(request)
         with self._admitted():
@@ -359,7 +410,12 @@ class Ingress:
             options = rembg_options(upload.fields, dict(request.query_params))
             return self._image_response(await self._remove(upload.data, options), options)
 
-    @api.post("/remove", summary="Remove the background (raw body or multipart)")
+    @api.post(
+        "/remove",
+        summary="Remove the background (raw body or multipart)",
+        openapi_extra=openapi.query_remove(),
+        response_class=Response,
+    )
     async def remove(self, request: Request) -> Response:
         self._authorize(request)
         with self._admitted():
@@ -404,6 +460,10 @@ class Ingress:
                 for name, info in infos.items()
             ],
         }
+
+    @api.get("/", include_in_schema=False)
+    async def index(self) -> Response:
+        return Response(STATIC.joinpath("index.html").read_bytes(), media_type="text/html")
 
     @api.get("/{path:path}", include_in_schema=False)
     async def not_found(self, path: str) -> Response:
