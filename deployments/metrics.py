@@ -10,7 +10,7 @@ from __future__ import annotations
 from ray.serve.metrics import Counter, Histogram
 
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
-_BATCH = [1, 2, 4, 8, 16, 32, 64]
+_BATCH = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 _BYTES = [1e4, 1e5, 1e6, 5e6, 1e7, 2.5e7, 5e7]
 
 
@@ -23,26 +23,21 @@ class IngressMetrics:
             "rembg_images_total", "Images answered with a cut-out.", tag_keys=tags
         )
         self.errors = Counter(
-            "rembg_errors_total", "Requests answered with an error, by code.",
+            "rembg_errors_total",
+            "Requests answered with an error, by code.",
             tag_keys=("model", "code"),
         )
-        self.pre = Histogram(
-            "rembg_preprocess_seconds", "Decode and resize time.", _SECONDS, tags
-        )
+        self.pre = Histogram("rembg_preprocess_seconds", "Decode and resize time.", _SECONDS, tags)
         self.post = Histogram(
-            "rembg_postprocess_seconds", "Mask upscale, compose and encode time.",
-            _SECONDS, tags,
+            "rembg_postprocess_seconds",
+            "Mask upscale, compose and encode time.",
+            _SECONDS,
+            tags,
         )
-        self.bytes_in = Histogram(
-            "rembg_request_bytes", "Uploaded image bytes.", _BYTES, tags
-        )
-        self.bytes_out = Histogram(
-            "rembg_response_bytes", "Returned image bytes.", _BYTES, tags
-        )
+        self.bytes_in = Histogram("rembg_request_bytes", "Uploaded image bytes.", _BYTES, tags)
+        self.bytes_out = Histogram("rembg_response_bytes", "Returned image bytes.", _BYTES, tags)
 
-    def done(
-        self, model: str, pre_s: float, post_s: float, bytes_in: int, bytes_out: int
-    ) -> None:
+    def done(self, model: str, pre_s: float, post_s: float, bytes_in: int, bytes_out: int) -> None:
         tags = {"model": model}
         self.images.inc(tags=tags)
         self.pre.observe(pre_s, tags=tags)
@@ -65,11 +60,14 @@ class ModelMetrics:
         self.queue_wait = Histogram(
             "rembg_queue_wait_seconds",
             "From a request reaching the model replica to its batch starting.",
-            _SECONDS, tags,
+            _SECONDS,
+            tags,
         )
         self.inference = Histogram(
-            "rembg_inference_seconds", "Batch time in ONNX Runtime (with normalise).",
-            _SECONDS, tags,
+            "rembg_inference_seconds",
+            "Batch time in ONNX Runtime (with normalise).",
+            _SECONDS,
+            tags,
         )
 
     def batch(self, model: str, size: int, waits_s: list[float], inference_s: float) -> None:

@@ -46,9 +46,7 @@ def _u2net(name: str, md5: str) -> ModelSpec:
 
 
 def _birefnet(name: str, md5: str | None) -> ModelSpec:
-    return ModelSpec(
-        name, (1024, 1024), IMAGENET_MEAN, IMAGENET_STD, activation="sigmoid", md5=md5
-    )
+    return ModelSpec(name, (1024, 1024), IMAGENET_MEAN, IMAGENET_STD, activation="sigmoid", md5=md5)
 
 
 # Constants copied from rembg 2.0.86's session classes (rembg/sessions/*.py).
@@ -92,9 +90,7 @@ def spec_for(name: str) -> ModelSpec:
         return MODEL_TABLE[name]
     except KeyError:
         known = ", ".join(sorted(MODEL_TABLE))
-        raise ModelUnavailable(
-            f"model {name!r} is not supported; supported: {known}"
-        ) from None
+        raise ModelUnavailable(f"model {name!r} is not supported; supported: {known}") from None
 
 
 def md5_of(path: Path) -> str:
@@ -129,9 +125,7 @@ def resolve_model_file(name: str, path: Path | None = None) -> Path:
     if path is not None:
         candidates = [path.expanduser()]
     else:
-        candidates = ([EMBEDDED[name]] if name in EMBEDDED else []) + _rembg_candidates(
-            name
-        )
+        candidates = ([EMBEDDED[name]] if name in EMBEDDED else []) + _rembg_candidates(name)
     for candidate in candidates:
         if candidate.is_file():
             # An explicit path may be a re-export (fp16, a fine-tune): only the

@@ -36,9 +36,7 @@ _IMAGE_HEADERS = {
     for name in ("X-Width", "X-Height", "X-Model")
 }
 
-_ERRORS: dict[str, Any] = {
-    str(status): ERROR for status in (400, 401, 404, 413, 415, 500, 503)
-}
+_ERRORS: dict[str, Any] = {str(status): ERROR for status in (400, 401, 404, 413, 415, 500, 503)}
 
 
 def _image_response(media_types: list[str]) -> dict[str, Any]:
@@ -54,14 +52,27 @@ def _flag(description: str) -> dict[str, Any]:
 
 
 def _byte(default: int, description: str) -> dict[str, Any]:
-    return {"type": "integer", "minimum": 0, "maximum": 255, "default": default,
-            "description": description}
+    return {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 255,
+        "default": default,
+        "description": description,
+    }
 
 
-_COLOR = {"type": "string", "pattern": r"^(\d{1,3},\d{1,3},\d{1,3}(,\d{1,3})?|#[0-9a-fA-F]{6}([0-9a-fA-F]{2})?)$",
-          "description": "Background colour: R,G,B,A (0-255) or #RRGGBBAA"}
-_ERODE = {"type": "integer", "minimum": 0, "maximum": 100, "default": 10,
-          "description": "Alpha matting erode structure size"}
+_COLOR = {
+    "type": "string",
+    "pattern": r"^(\d{1,3},\d{1,3},\d{1,3}(,\d{1,3})?|#[0-9a-fA-F]{6}([0-9a-fA-F]{2})?)$",
+    "description": "Background colour: R,G,B,A (0-255) or #RRGGBBAA",
+}
+_ERODE = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": 100,
+    "default": 10,
+    "description": "Alpha matting erode structure size",
+}
 
 
 def rembg_remove() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -256,7 +256,8 @@ class ModelServer:
         result = await self._predict_batch((image, time.monotonic()))
         if isinstance(result, ServiceError):
             raise result
-        return result
+        mask: npt.NDArray[np.uint8] = result
+        return mask
 
     async def check_health(self) -> None:
         # A batch served recently proves the session runs; otherwise probe it.
@@ -304,9 +305,7 @@ class Ingress:
             os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
         )
         if self.settings.api_key_env and not self.api_key:
-            raise RuntimeError(
-                f"api_key_env names {self.settings.api_key_env}, which is not set"
-            )
+            raise RuntimeError(f"api_key_env names {self.settings.api_key_env}, which is not set")
         if self.settings.cors_origins:
             # The middleware stack is built on the first request, after __init__.
             api.add_middleware(
@@ -430,9 +429,7 @@ class Ingress:
     async def _model_infos(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any] | None]:
         async def one(handle: DeploymentHandle) -> dict[str, Any] | None:
             try:
-                info: dict[str, Any] = await asyncio.wait_for(
-                    handle.info.remote(), timeout_s
-                )
+                info: dict[str, Any] = await asyncio.wait_for(handle.info.remote(), timeout_s)
                 return info
             except Exception:
                 return None
@@ -496,9 +493,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     actor_options: dict[str, Any] = {"num_cpus": settings.num_cpus}
     if gpu:
         actor_options["num_gpus"] = settings.num_gpus
+    # @serve.deployment turned the classes into Deployment objects; mypy sees classes.
+    model_server, ingress = cast(serve.Deployment, ModelServer), cast(serve.Deployment, Ingress)
     handles = {}
     for model in settings.models:
-        deployment = ModelServer.options(
+        deployment = model_server.options(
             name=f"Model_{model.name}",
             ray_actor_options=actor_options,
             user_config=BatchSettings().model_dump(),
@@ -507,4 +506,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             model.model_dump(mode="json"), settings.num_gpus if gpu else 0.0
         )
     logger.info("building app: device %s, models %s", "gpu" if gpu else "cpu", list(handles))
-    return Ingress.bind(settings.model_dump(mode="json"), handles)
+    app: serve.Application = ingress.bind(settings.model_dump(mode="json"), handles)
+    return app

@@ -29,9 +29,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _known(cls, name: str) -> str:
         if name not in MODEL_TABLE:
-            raise ValueError(
-                f"unknown model {name!r}; supported: {', '.join(sorted(MODEL_TABLE))}"
-            )
+            raise ValueError(f"unknown model {name!r}; supported: {', '.join(sorted(MODEL_TABLE))}")
         return name
 
 
@@ -79,9 +77,7 @@ class AppSettings(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"a model is listed twice: {names}")
         if self.default_model is not None and self.default_model not in names:
-            raise ValueError(
-                f"default_model {self.default_model!r} is not among models {names}"
-            )
+            raise ValueError(f"default_model {self.default_model!r} is not among models {names}")
         return self
 
     @property

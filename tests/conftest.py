@@ -49,8 +49,9 @@ def image_bytes(img: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
 def gradient(width: int = 64, height: int = 48, mode: str = "RGB") -> Image.Image:
     """A small synthetic image with structure (not flat), in any mode."""
     y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                    (x + y) % 256], axis=-1).astype(np.uint8)
+    rgb = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1
+    ).astype(np.uint8)
     return Image.fromarray(rgb, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(rgb)
 
 
@@ -93,10 +94,16 @@ def assert_parity(name: str, ours: bytes, reference: bytes) -> None:
 
     got, want = Image.open(io.BytesIO(ours)), Image.open(io.BytesIO(reference))
     same_hash = imagehash.phash(got) == imagehash.phash(want)
-    alpha_diff = int(
-        np.abs(np.asarray(got.getchannel("A"), dtype=np.int16)
-               - np.asarray(want.getchannel("A"), dtype=np.int16)).max()
-    ) if got.size == want.size and got.mode == want.mode == "RGBA" else 999
+    alpha_diff = (
+        int(
+            np.abs(
+                np.asarray(got.getchannel("A"), dtype=np.int16)
+                - np.asarray(want.getchannel("A"), dtype=np.int16)
+            ).max()
+        )
+        if got.size == want.size and got.mode == want.mode == "RGBA"
+        else 999
+    )
     if not (same_hash and alpha_diff <= 2):
         OUTPUT.mkdir(exist_ok=True)
         (OUTPUT / f"parity-ours-{name}.png").write_bytes(ours)
@@ -134,13 +141,19 @@ def start_service(config: Path, log: Path, timeout_s: float = 180) -> Service:
     handle = log.open("wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "serve"), "run", str(config)],
-        cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = started + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"serve run exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"serve run exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            )
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return Service(url, process, log, time.monotonic() - started)

@@ -47,7 +47,8 @@ def test_rembg_api_matches_rembg(
     """An unchanged rembg client: multipart `file` and form field `model`."""
     with service.client() as client:
         response = client.post(
-            "/api/remove", files={"file": (path.name, path.read_bytes())},
+            "/api/remove",
+            files={"file": (path.name, path.read_bytes())},
             data={"model": "u2netp"},
         )
     assert response.status_code == 200, response.text
@@ -91,8 +92,10 @@ def test_remove_options(
 def test_rembg_api_options(service: Service) -> None:
     with service.client() as client:
         response = client.post(
-            "/api/remove", params={"bgc": "0,0,255,255"},
-            files={"file": ("car.jpg", CAR.read_bytes())}, data={"om": "false", "ppm": "true"},
+            "/api/remove",
+            params={"bgc": "0,0,255,255"},
+            files={"file": ("car.jpg", CAR.read_bytes())},
+            data={"om": "false", "ppm": "true"},
         )
     assert response.status_code == 200
     assert Image.open(io.BytesIO(response.content)).getpixel((0, 0)) == (0, 0, 255, 255)
@@ -106,7 +109,8 @@ def test_input_modes(service: Service, mode: str) -> None:
         img = gradient(80, 60).convert(mode)
     with service.client() as client:
         response = client.post(
-            "/remove", content=image_bytes(img, "TIFF" if mode == "CMYK" else "PNG"))
+            "/remove", content=image_bytes(img, "TIFF" if mode == "CMYK" else "PNG")
+        )
     assert response.status_code == 200, response.text
     assert Image.open(io.BytesIO(response.content)).size == (80, 60)
 
@@ -114,23 +118,34 @@ def test_input_modes(service: Service, mode: str) -> None:
 def test_errors(service: Service) -> None:
     with service.client() as client:
         assert_json_error(client.post("/remove", content=b""), 415, "unsupported_image")
-        assert_json_error(client.post("/remove", content=b"<html></html>"), 415,
-                          "unsupported_image")
-        assert_json_error(client.post("/remove", content=CAR.read_bytes()[:3000]), 415,
-                          "unsupported_image")
-        assert_json_error(client.post("/remove", params={"format": "gif"},
-                                      content=CAR.read_bytes()), 400, "bad_parameter")
-        assert_json_error(client.post("/api/remove", data={"model": "u2netp"}), 400,
-                          "bad_parameter")
+        assert_json_error(
+            client.post("/remove", content=b"<html></html>"), 415, "unsupported_image"
+        )
+        assert_json_error(
+            client.post("/remove", content=CAR.read_bytes()[:3000]), 415, "unsupported_image"
+        )
+        assert_json_error(
+            client.post("/remove", params={"format": "gif"}, content=CAR.read_bytes()),
+            400,
+            "bad_parameter",
+        )
+        assert_json_error(
+            client.post("/api/remove", data={"model": "u2netp"}), 400, "bad_parameter"
+        )
         assert_json_error(
             client.post("/api/remove", files={"file": CAR.read_bytes()}, data={"af": "999"}),
-            400, "bad_parameter")
+            400,
+            "bad_parameter",
+        )
         error = assert_json_error(
             client.post("/api/remove", files={"file": CAR.read_bytes()}, data={"model": "u2net"}),
-            404, "unknown_model")
+            404,
+            "unknown_model",
+        )
         assert "u2netp" in error["message"]
-        assert_json_error(client.post("/remove", content=b"\0" * (26 * 1024 * 1024)), 413,
-                          "payload_too_large")
+        assert_json_error(
+            client.post("/remove", content=b"\0" * (26 * 1024 * 1024)), 413, "payload_too_large"
+        )
         bomb = image_bytes(Image.new("1", (30000, 30000)), "PNG")
         assert_json_error(client.post("/remove", content=bomb), 413, "payload_too_large")
         assert_json_error(client.get("/no/such/route"), 404, "not_found")

@@ -11,13 +11,24 @@ from deployments.http import parse_color, query_options, rembg_options
 
 def test_rembg_form_fields_map_to_options() -> None:
     options = rembg_options(
-        {"model": "u2netp", "a": "true", "af": "200", "ab": "20", "ae": "5", "om": "false",
-         "ppm": "1"},
+        {
+            "model": "u2netp",
+            "a": "true",
+            "af": "200",
+            "ab": "20",
+            "ae": "5",
+            "om": "false",
+            "ppm": "1",
+        },
         {"bgc": "255,255,255,255"},
     )
     assert options == RemoveOptions(
-        model="u2netp", alpha_matting=True, foreground_threshold=200,
-        background_threshold=20, erode_size=5, post_process_mask=True,
+        model="u2netp",
+        alpha_matting=True,
+        foreground_threshold=200,
+        background_threshold=20,
+        erode_size=5,
+        post_process_mask=True,
         bgcolor=(255, 255, 255, 255),
     )
 
@@ -55,8 +66,6 @@ def test_query_bad_parameters(query: dict[str, str], match: str) -> None:
         query_options(query)
 
 
-@pytest.mark.parametrize(
-    ("text", "want"), [("1,2,3", (1, 2, 3, 255)), ("#010203", (1, 2, 3, 255))]
-)
+@pytest.mark.parametrize(("text", "want"), [("1,2,3", (1, 2, 3, 255)), ("#010203", (1, 2, 3, 255))])
 def test_parse_color(text: str, want: tuple[int, int, int, int]) -> None:
     assert parse_color("c", text) == want
