@@ -1,0 +1,211 @@
+"""The deployment manifests in config/ parse, validate and agree with serve_config.yaml.
+
+No cluster and no Docker engine here: the checks are the schemas that ship with
+Ray (Serve's config schema, the cluster launcher's JSON schema), our own
+settings models, and consistency between the files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.settings import AppSettings, BatchSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config"
+
+# What a GPU cluster changes in serve_config.yaml; config/rayservice.yaml says why.
+GPU_ARGS = {"device": "gpu", "num_cpus": 1}
+GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
+    "Ingress": {"ray_actor_options": {"num_cpus": 1}},
+    "Model_u2netp": {
+        "user_config": {"max_batch_size": 16},
+        "max_ongoing_requests": 32,
+        "autoscaling_config": {"target_ongoing_requests": 16},
+    },
+}
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def rayservice() -> dict[str, Any]:
+    manifest: dict[str, Any] = load(CONFIG / "rayservice.yaml")
+    return manifest
+
+
+def serve_config_v2() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    return config
+
+
+def merged(base: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in edit.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def expected_gpu_config() -> dict[str, Any]:
+    config: dict[str, Any] = load(ROOT / "serve_config.yaml")
+    app = config["applications"][0]
+    app["args"] = merged(app["args"], GPU_ARGS)
+    app["deployments"] = [
+        merged(d, GPU_DEPLOYMENTS.get(d["name"], {})) for d in app["deployments"]
+    ]
+    return config
+
+
+def test_serve_config_v2_is_serve_config_with_the_gpu_overrides() -> None:
+    assert serve_config_v2() == expected_gpu_config()
+
+
+def test_gpu_serve_config_file_is_the_rayservice_one() -> None:
+    assert load(CONFIG / "serve_config.gpu.yaml") == serve_config_v2()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(lambda: load(ROOT / "serve_config.yaml"), id="serve_config.yaml"),
+        pytest.param(serve_config_v2, id="rayservice serveConfigV2"),
+        pytest.param(lambda: load(CONFIG / "serve_config.gpu.yaml"), id="serve_config.gpu"),
+    ],
+)
+def test_serve_configs_pass_ray_and_our_schemas(config: Any) -> None:
+    loaded = config()
+    schema = ServeDeploySchema.model_validate(loaded)
+    assert [app.name for app in schema.applications] == ["rembg"]
+    for app in loaded["applications"]:
+        settings = AppSettings.model_validate(app["args"])
+        names = {d["name"] for d in app["deployments"]}
+        # Every deployment configured is one build_app creates, and vice versa.
+        assert names == {"Ingress"} | {f"Model_{m.name}" for m in settings.models}
+        for deployment in app["deployments"]:
+            if "user_config" in deployment:
+                BatchSettings.model_validate(deployment["user_config"])
+            autoscaling = deployment.get("autoscaling_config", {})
+            # Never scale to zero: a cold start costs a model load and warm-up.
+            assert autoscaling.get("min_replicas", 1) >= 1
+
+
+def test_gpu_config_batches_fit_in_flight() -> None:
+    for deployment in serve_config_v2()["applications"][0]["deployments"]:
+        if "user_config" in deployment:
+            # A replica must hold at least one full batch at once.
+            assert (
+                deployment["max_ongoing_requests"]
+                >= deployment["user_config"]["max_batch_size"]
+            )
+
+
+def test_rayservice_cluster_shape() -> None:
+    spec = rayservice()["spec"]
+    assert rayservice()["apiVersion"] == "ray.io/v1"
+    assert rayservice()["kind"] == "RayService"
+    cluster = spec["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    assert serve_config_v2()["http_options"]["port"] in ports
+    [gpu] = cluster["workerGroupSpecs"]
+    assert 1 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert int(limits["nvidia.com/gpu"]) == 1
+    args = serve_config_v2()["applications"][0]["args"]
+    # Replicas per card times the cards the group can have covers max_replicas.
+    model = serve_config_v2()["applications"][0]["deployments"][1]
+    per_node = min(int(1 / args["num_gpus"]), int(limits["cpu"]) // args["num_cpus"])
+    assert per_node * gpu["maxReplicas"] >= model["autoscaling_config"]["max_replicas"]
+
+
+def images() -> set[str]:
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    found = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    found.add(load(CONFIG / "cluster.yaml")["docker"]["image"])
+    return found
+
+
+def test_one_image_everywhere_and_the_dockerfile_names_it() -> None:
+    [image] = images()
+    assert image in (CONFIG / "Dockerfile").read_text()
+
+
+def test_cluster_launcher_config_passes_rays_schema() -> None:
+    schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    config = load(CONFIG / "cluster.yaml")
+    jsonschema.validate(config, schema)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0
+    gpu = config["available_node_types"]["gpu"]
+    assert gpu["min_workers"] == 0 and gpu["resources"]["GPU"] >= 1
+    assert "--num-cpus=0" in " ".join(config["head_start_ray_commands"])
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) pairs with continuations joined, comments dropped."""
+    text = (CONFIG / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            instruction, _, args = line.strip().partition(" ")
+            out.append((instruction.upper(), args.strip()))
+    return out
+
+
+def test_dockerfile_copies_paths_that_exist_and_bakes_the_models() -> None:
+    steps = dockerfile()
+    known = {"ARG", "FROM", "ENV", "RUN", "WORKDIR", "COPY", "EXPOSE", "CMD"}
+    assert {i for i, _ in steps} <= known
+    copies = [shlex.split(args) for i, args in steps if i == "COPY"]
+    assert copies
+    for *sources, _dest in copies:
+        for source in sources:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is missing"
+    env = " ".join(args for i, args in steps if i == "ENV")
+    assert "REMBG_HOME=" in env
+    runs = " ".join(args for i, args in steps if i == "RUN")
+    assert "pip install ." in runs
+    assert "fetch_model" in runs
+    # The models are fetched at build time, once the package is installed.
+    install = next(
+        n for n, (i, a) in enumerate(steps) if i == "RUN" and "pip install ." in a
+    )
+    fetch = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "fetch_model" in a)
+    assert install < fetch
+    exposed = {int(p) for i, args in steps if i == "EXPOSE" for p in args.split()}
+    assert load(ROOT / "serve_config.yaml")["http_options"]["port"] in exposed
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    ignore = (CONFIG / "Dockerfile.dockerignore").read_text().splitlines()
+    kept = {line[1:].removesuffix("/**") for line in ignore if line.startswith("!")}
+    copied = {
+        source
+        for i, args in dockerfile()
+        if i == "COPY"
+        for source in shlex.split(args)[:-1]
+    }
+    assert copied <= kept
