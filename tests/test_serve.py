@@ -1,0 +1,99 @@
+"""The deployments through real Ray Serve, in process, with the embedded model on CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+from ray import serve
+
+from conftest import FIXTURES, free_port
+from deployments.errors import ModelUnavailable
+from deployments.infer import OnnxModel
+from deployments.models import resolve_model_file
+from deployments.pipeline import prepare
+from deployments.serve_app import build_app, use_gpu_for
+from deployments.settings import AppSettings, Limits
+
+pytestmark = pytest.mark.serve
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[Any]:
+    ray.init(num_cpus=2, include_dashboard=False, address="local")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        handle = serve.run(build_app({"num_cpus": 1}), name="rembg", route_prefix="/")
+        yield handle
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def model_handle() -> Any:
+    return serve.get_deployment_handle("Model_u2netp", app_name="rembg")
+
+
+def test_model_replica_equals_in_process_model(app: Any, u2netp: OnnxModel) -> None:
+    prepared = prepare((FIXTURES / "car-1.jpg").read_bytes(), u2netp.spec, Limits())
+    served = model_handle().predict.remote(prepared.model_input).result()
+    assert np.array_equal(served, u2netp.predict([prepared.model_input])[0])
+
+
+def test_concurrent_requests_form_batches(app: Any) -> None:
+    handle = model_handle()
+    before = handle.info.remote().result()["batch_sizes_formed"]
+    image = np.zeros((320, 320, 3), dtype=np.uint8)
+    responses = [handle.predict.remote(image) for _ in range(8)]
+    assert all(r.result().shape == (320, 320) for r in responses)
+    after = handle.info.remote().result()["batch_sizes_formed"]
+    formed = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    assert sum(int(k) * v for k, v in formed.items()) == 8
+    assert max(int(k) for k in formed) > 1, f"no batch larger than 1 formed: {formed}"
+
+
+def test_reconfigure_applies_live_and_warms_new_shapes(app: Any) -> None:
+    # Only user_config differs from the running app: a live reconfigure, no restart.
+    serve.run(_with_user_config(max_batch_size=2), name="rembg", route_prefix="/")
+    info = model_handle().info.remote().result()
+    assert info["max_batch_size"] == 2 and info["batch_shapes"] == [1, 2]
+    serve.run(_with_user_config(max_batch_size=8), name="rembg", route_prefix="/")
+    info = model_handle().info.remote().result()
+    assert info["max_batch_size"] == 8 and info["batch_shapes"] == [1, 2, 4, 8]
+
+
+def _with_user_config(**user_config: Any) -> Any:
+    from deployments.serve_app import Ingress, ModelServer
+    from deployments.settings import BatchSettings, ModelConfig
+
+    settings = AppSettings(num_cpus=1)
+    model = ModelServer.options(
+        name="Model_u2netp",
+        ray_actor_options={"num_cpus": 1},
+        user_config=BatchSettings(**user_config).model_dump(mode="json"),
+    ).bind(ModelConfig(name="u2netp").model_dump(mode="json"), 0.0)
+    return Ingress.bind(settings.model_dump(mode="json"), {"u2netp": model})
+
+
+def test_health_check_passes_on_a_working_session(app: Any) -> None:
+    assert model_handle().check_health.remote().result() is None
+
+
+def test_missing_model_names_model_and_paths(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("REMBG_HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailable, match=r"'u2net' not found; tried: .*u2net\.onnx"):
+        resolve_model_file("u2net")
+    with pytest.raises(ModelUnavailable, match="no-such.onnx"):
+        resolve_model_file("u2net", tmp_path / "no-such.onnx")
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "want"),
+    [("auto", 0, False), ("auto", 1, True), ("cpu", 4, False), ("gpu", 0, True)],
+)
+def test_device_choice(device: str, gpus: float, want: bool) -> None:
+    assert use_gpu_for(device, gpus) is want
