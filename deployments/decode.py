@@ -8,6 +8,7 @@ EPS, PDF or other plugins that shell out or parse documents are never reached.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -41,20 +42,22 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             _check_size(img.size, limits)
             img.load()
-            img = ImageOps.exif_transpose(img)
+            upright = ImageOps.exif_transpose(img)
+            # Inside the try: some modes (LAB from a TIFF, odd 16-bit layouts)
+            # only fail here, and that is still the upload's fault, not ours.
+            return _to_rgb_or_rgba(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(
-            f"the image has too many pixels (limit {limits.max_pixels})"
-        ) from exc
+        raise PayloadTooLarge(f"the image has too many pixels (limit {limits.max_pixels})") from exc
     except UnidentifiedImageError as exc:
         raise UnsupportedImage(
             "the body is not an image in a supported format "
             f"({', '.join(f.lower() for f in ALLOWED_FORMATS)})"
         ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Truncated or corrupt data surfaces as any of these from Pillow's plugins.
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as exc:
+        # Pillow's plugins are not uniform: truncated or corrupt data surfaces as
+        # any of these (struct.error and IndexError from header parsing in TIFF,
+        # BMP and GIF). MemoryError is not caught: the limits above prevent it.
         raise UnsupportedImage("the image is truncated or corrupt") from exc
-    return _to_rgb_or_rgba(img)
 
 
 def _check_size(size: tuple[int, int], limits: Limits) -> None:

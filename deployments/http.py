@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message, Receive
@@ -107,9 +108,7 @@ def _convert(name: str, kind: str, value: str) -> Any:
     return text or None
 
 
-def _options(
-    values: Mapping[str, str], fields: Mapping[str, tuple[str, str]]
-) -> RemoveOptions:
+def _options(values: Mapping[str, str], fields: Mapping[str, tuple[str, str]]) -> RemoveOptions:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise BadParameter(
@@ -181,15 +180,17 @@ async def read_multipart(request: Request, limit: int) -> Upload:
     """A multipart/form-data body: the ``file`` part's bytes and the text fields."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        raise BadParameter(
-            "send multipart/form-data with the image in a field named 'file'"
-        )
+        raise BadParameter("send multipart/form-data with the image in a field named 'file'")
     _check_declared_length(request, limit)
     limited = Request(request.scope, _limited(request.receive, limit))
     try:
         form = await limited.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
     except MultiPartException as exc:
         raise BadParameter(f"malformed multipart body: {exc.message}") from exc
+    except HTTPException as exc:
+        # Inside an app Starlette re-raises MultiPartException as a 400
+        # HTTPException; keep the error code the same as outside one.
+        raise BadParameter(f"malformed multipart body: {exc.detail}") from exc
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -199,4 +200,3 @@ async def read_multipart(request: Request, limit: int) -> Upload:
     finally:
         await form.close()
     return Upload(data=data, fields=fields)
-
