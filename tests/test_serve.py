@@ -87,7 +87,7 @@ def test_missing_model_names_model_and_paths(tmp_path: Path, monkeypatch: Any) -
     monkeypatch.setenv("REMBG_HOME", str(tmp_path))
     with pytest.raises(ModelUnavailable, match=r"'u2net' not found; tried: .*u2net\.onnx"):
         resolve_model_file("u2net")
-    with pytest.raises(ModelUnavailable, match="no-such.onnx"):
+    with pytest.raises(ModelUnavailable, match=r"no-such\.onnx"):
         resolve_model_file("u2net", tmp_path / "no-such.onnx")
 
 
