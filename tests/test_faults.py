@@ -1,0 +1,290 @@
+"""Faults: replicas killed under load, broken model files, device out of memory.
+
+The kill tests run Serve in this process on its own local Ray, so that replica
+actors can be found and killed with ``ray.kill``; the service must recover by
+itself, fail no more requests than were in flight at the kill, and lose none
+for a client that retries on 503 and on connection errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pytest
+import ray
+from ray import serve
+
+from conftest import SHARED_IMAGES, free_port
+from deployments.decode import decode
+from deployments.errors import InferenceFailed, ModelUnavailable
+from deployments.infer import OnnxModel, RuntimeConfig
+from deployments.models import resolve_model_file, spec_for
+from deployments.preprocess import model_input
+from deployments.serve_app import ModelServer, build_app
+from deployments.settings import Limits
+
+BODIES = [p.read_bytes() for p in SHARED_IMAGES]
+CLIENTS = 4
+
+
+@dataclass(frozen=True)
+class Call:
+    started: float
+    ended: float
+    status: int  # 0: connection error or timeout
+    error: str = ""
+
+
+class Load:
+    """``CLIENTS`` plain clients (no retry) plus one client that retries on 503
+    and on connection errors, all running until ``stop()``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.calls: list[Call] = []
+        self.retried_ok = 0
+        self.retried_lost = 0
+        self.retries = 0
+        self.current: list[float | None] = [None] * CLIENTS
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._plain, args=(i,)) for i in range(CLIENTS)]
+        self.threads.append(threading.Thread(target=self._retrying))
+        for thread in self.threads:
+            thread.start()
+
+    def _plain(self, index: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            i = index
+            while not self.stopped.is_set():
+                started = time.monotonic()
+                with self.lock:
+                    self.current[index] = started
+                try:
+                    status, error = client.post("/remove", content=BODIES[i % 4]).status_code, ""
+                except httpx.HTTPError as exc:
+                    status, error = 0, repr(exc)
+                with self.lock:
+                    self.current[index] = None
+                    self.calls.append(Call(started, time.monotonic(), status, error))
+                i += 1
+
+    def _retrying(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            i = 0
+            while not self.stopped.is_set():
+                for _attempt in range(60):
+                    try:
+                        response = client.post("/remove", content=BODIES[i % 4])
+                    except httpx.TransportError:
+                        status, wait = 0, 0.5
+                    else:
+                        status = response.status_code
+                        wait = float(response.headers.get("retry-after", "1"))
+                    if status == 200:
+                        self.retried_ok += 1
+                        break
+                    if status not in (0, 503):
+                        self.retried_lost += 1
+                        break
+                    self.retries += 1
+                    time.sleep(min(wait, 1.0))
+                else:
+                    self.retried_lost += 1
+                i += 1
+
+    def in_flight(self) -> int:
+        """Plain calls sent and not yet answered, now."""
+        with self.lock:
+            return sum(started is not None for started in self.current)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def _replica(deployment: str) -> Any:
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::rembg#{deployment}#")
+    ]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0], namespace="serve"), names[0]
+
+
+@pytest.fixture(scope="module")
+def in_process_service() -> Iterator[str]:
+    ray.init(num_cpus=2, include_dashboard=False, address="local")
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"num_cpus": 1}), name="rembg", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_until_serving(url: str, after: float, timeout_s: float = 180) -> float:
+    """Seconds from ``after`` until a fresh request gets a 200."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.post("/remove", content=BODIES[0]).status_code == 200:
+                    return time.monotonic() - after
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"not serving again within {timeout_s}s")
+
+
+@pytest.mark.slow
+@pytest.mark.serve
+@pytest.mark.parametrize("deployment", ["Model_u2netp", "Ingress"])
+def test_replica_killed_under_load_recovers(in_process_service: str, deployment: str) -> None:
+    url = in_process_service
+    _wait_until_serving(url, time.monotonic())
+    actor, name = _replica(deployment)
+    load = Load(url)
+    try:
+        time.sleep(5)
+        in_flight = load.in_flight()
+        killed_at = time.monotonic()
+        ray.kill(actor, no_restart=True)
+        recovery_s = _wait_until_serving(url, killed_at)
+        # Keep the load on a while after recovery: failures must not go on.
+        time.sleep(5)
+    finally:
+        load.stop()
+    _, new_name = _replica(deployment)
+    failed = [c for c in load.calls if c.status != 200]
+    print(
+        f"\nkill {deployment}: {len(load.calls)} plain calls, {in_flight} in flight at the "
+        f"kill, {len(failed)} failed {sorted({c.status for c in failed})}; recovered "
+        f"in {recovery_s:.1f}s; retrying client: {load.retried_ok} ok, "
+        f"{load.retried_lost} lost, {load.retries} retries"
+    )
+    assert new_name != name, "the killed replica was not replaced"
+    # Only requests already in flight at the kill may fail; later ones wait for the
+    # replacement replica (Serve queues them) instead of failing.
+    assert len(failed) <= in_flight, (in_flight, failed[:5])
+    assert load.retried_lost == 0 and load.retried_ok > 0
+
+
+# -- Broken model files: clear errors at start ------------------------------------
+
+
+def test_missing_model_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.onnx"
+    with pytest.raises(ModelUnavailable, match=r"not found; tried: .*nope\.onnx"):
+        resolve_model_file("u2netp", missing)
+
+
+def test_corrupt_store_file_fails_its_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncated download in rembg's store is refused, not loaded."""
+    monkeypatch.delenv("U2NET_HOME", raising=False)
+    monkeypatch.setenv("REMBG_HOME", str(tmp_path))
+    store = tmp_path / "models" / "u2net"
+    store.mkdir(parents=True)
+    (store / "u2net.onnx").write_bytes(b"\x08\x07" + b"\0" * 1000)
+    with pytest.raises(ModelUnavailable, match=r"md5 .* expected .* corrupt or not this model"):
+        resolve_model_file("u2net")
+
+
+def test_garbage_model_given_by_path_fails_to_load(tmp_path: Path) -> None:
+    garbage = tmp_path / "u2netp.onnx"
+    garbage.write_bytes(b"this is not an onnx model" * 100)
+    path = resolve_model_file("u2netp", garbage)  # explicit paths skip the checksum
+    with pytest.raises(ModelUnavailable, match=r"could not be loaded from .*u2netp\.onnx"):
+        OnnxModel(path, spec_for("u2netp"), RuntimeConfig())
+
+
+@pytest.mark.slow
+@pytest.mark.serve
+def test_garbage_model_fails_the_deployment_with_its_message(
+    in_process_service: str, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "u2netp.onnx"
+    garbage.write_bytes(b"garbage" * 100)
+    broken = ModelServer.options(name="Model_broken", max_constructor_retry_count=1).bind(
+        {"name": "u2netp", "path": str(garbage)}, 0.0
+    )
+    try:
+        with pytest.raises(RuntimeError, match="could not be loaded from"):
+            serve.run(broken, name="broken", route_prefix="/broken")
+    finally:
+        serve.delete("broken")
+    # The serving application was not affected.
+    assert (
+        httpx.post(f"{in_process_service}/remove", content=BODIES[0], timeout=60).status_code == 200
+    )
+
+
+# -- Device out of memory ---------------------------------------------------------
+
+
+class OutOfMemoryOverTwo:
+    """FAKE: no GPU runs here, so CUDA's out-of-memory error is simulated.
+
+    Wraps the real ONNX Runtime session: batches of more than two images raise
+    the error ORT's CUDA provider raises when the arena cannot grow; smaller
+    batches run on the real session (CPU).
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.batch_sizes: list[int] = []
+
+    def run(self, output_names: Any, feeds: dict[str, npt.NDArray[np.float32]]) -> Any:
+        (batch,) = feeds.values()
+        self.batch_sizes.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError(
+                "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
+                "while running Conv node. CUDA failure 2: out of memory"
+            )
+        return self.session.run(output_names, feeds)
+
+
+def _inputs(n: int) -> list[npt.NDArray[np.uint8]]:
+    images = [model_input(decode(b, Limits()), (320, 320)) for b in BODIES]
+    return [images[i % len(images)] for i in range(n)]
+
+
+def test_out_of_memory_batch_retries_at_half_size(u2netp: OnnxModel) -> None:
+    images = _inputs(4)
+    want = u2netp.predict(images)
+    faked = copy.copy(u2netp)
+    fake = OutOfMemoryOverTwo(u2netp.session)
+    faked.session = fake
+    got = faked.predict(images)
+    assert fake.batch_sizes == [4, 2, 2]
+    assert len(got) == 4
+    for mask, expected in zip(got, want, strict=True):
+        assert np.array_equal(mask, expected)
+
+
+def test_out_of_memory_on_one_image_is_an_inference_error(u2netp: OnnxModel) -> None:
+    faked = copy.copy(u2netp)
+
+    class AlwaysOutOfMemory(OutOfMemoryOverTwo):
+        def run(self, output_names: Any, feeds: dict[str, Any]) -> Any:
+            raise RuntimeError("CUDA failure 2: out of memory")
+
+    faked.session = AlwaysOutOfMemory(u2netp.session)
+    with pytest.raises(InferenceFailed):
+        faked.predict(_inputs(2))
