@@ -3,7 +3,9 @@
 ``OnnxModel`` loads a model file once, makes its batch dimension symbolic when the
 file fixes it to 1, checks that a batch of 2 equals two single runs (falling back
 to one run per image when it does not), warms every batch shape it will use, and
-turns the raw output into rembg's uint8 masks.
+turns the raw output into rembg's uint8 masks. Two opt-in rewrites for the GPU
+path (``RuntimeConfig.fp16``, ``RuntimeConfig.preprocess_in_graph``) are applied
+to the model's bytes before the session is made; see ``deployments.gpu``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,23 @@ class RuntimeConfig:
     intra_op_threads: int = 1
     # Bytes of GPU memory this session's arena may take: its GPU fraction of the card.
     gpu_mem_limit: int | None = None
-    # EXHAUSTIVE benchmarks every cuDNN algorithm once per input shape; bucketed
-    # shapes are all warmed in __init__, so the search is paid before ready.
+    # EXHAUSTIVE times every cuDNN algorithm once per new input shape and keeps
+    # the fastest; HEURISTIC guesses with no timing, DEFAULT takes the first that
+    # fits. The search costs seconds per shape, but on the GPU every run is
+    # padded to a bucketed shape and __init__ warms each of them, so it is paid
+    # once, before the replica reports ready, and each later run gets the best
+    # kernel. Its workspace comes out of the capped arena, so an algorithm that
+    # does not fit in this replica's share is simply not chosen.
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     # Spinning intra-op threads burn the cores that decode/encode need.
     allow_spinning: bool = False
+    # Opt-in: float16 weights and arithmetic inside, float32 IO (GPU only: the
+    # CPU provider has few float16 kernels and runs such a model slowly).
+    fp16: bool = False
+    # Opt-in: rembg's normalisation as nodes in front of the model, so that the
+    # replica feeds the uint8 images as they are (a quarter of the bytes to copy
+    # to the device, and no float64 numpy work on the replica's CPU).
+    preprocess_in_graph: bool = False
 
 
 def providers_for(config: RuntimeConfig) -> list[str | tuple[str, dict[str, Any]]]:
@@ -101,9 +115,23 @@ def plan_chunks(n: int, buckets: Sequence[int], pad: bool) -> list[tuple[int, in
     return chunks
 
 
+# How ONNX Runtime reports running out of device memory: the CUDA runtime, cuDNN
+# and cuBLAS's own codes, and the BFC arena hitting ``gpu_mem_limit`` (which says
+# "Available memory of X is smaller than requested bytes of Y").
+_OOM_MARKERS = (
+    "out of memory",
+    "failed to allocate memory",
+    "available memory of",
+    "cudaerrormemoryallocation",
+    "cudnn_status_alloc_failed",
+    "cublas_status_alloc_failed",
+)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device allocation failure, which a smaller batch may avoid."""
     text = str(exc).lower()
-    return "out of memory" in text or "failed to allocate memory" in text
+    return any(marker in text for marker in _OOM_MARKERS)
 
 
 def masks_from_output(
@@ -128,8 +156,17 @@ def masks_from_output(
 
 
 def _symbolic_batch(model_bytes: bytes) -> bytes:
-    """Rewrite the first dim of every graph input and output to a symbolic name."""
-    import onnx
+    """Rewrite the first dim of every graph input and output to a symbolic name.
+
+    Without the ``onnx`` package (a bare GPU box) the bytes are returned as they
+    are: a file whose batch is already symbolic loses nothing, and one fixed at 1
+    fails the batch check and runs one image at a time.
+    """
+    try:
+        import onnx
+    except ImportError:
+        logger.warning("onnx is not installed: the model's batch dimension is kept")
+        return model_bytes
 
     model = onnx.load_from_string(model_bytes)
     changed = False
@@ -139,6 +176,20 @@ def _symbolic_batch(model_bytes: bytes) -> bytes:
             dims[0].dim_param = "batch"
             changed = True
     return model.SerializeToString() if changed else model_bytes
+
+
+def model_bytes_for(path: Path, spec: ModelSpec, runtime: RuntimeConfig) -> bytes:
+    """The model file's bytes with the rewrites ``runtime`` asks for applied."""
+    model_bytes = _symbolic_batch(path.read_bytes())
+    if runtime.fp16 or runtime.preprocess_in_graph:
+        # Imported here: deployments.gpu imports this module.
+        from deployments import gpu
+
+        if runtime.fp16:
+            model_bytes = gpu.to_fp16(model_bytes)
+        if runtime.preprocess_in_graph:
+            model_bytes = gpu.with_preprocessing(model_bytes, spec)
+    return model_bytes
 
 
 @dataclass
@@ -163,7 +214,7 @@ class OnnxModel:
         self.report = WarmupReport()
         started = time.perf_counter()
         try:
-            model_bytes = _symbolic_batch(path.read_bytes())
+            model_bytes = model_bytes_for(path, spec, runtime)
             self.session = ort.InferenceSession(
                 model_bytes,
                 sess_options=self._session_options(),
@@ -180,7 +231,11 @@ class OnnxModel:
                 f"{self.provider} (is onnxruntime-gpu installed with CUDA 13 and "
                 "cuDNN 9 libraries?); refusing to serve slowly on the CPU"
             )
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        # A file whose input is uint8 normalises in its graph (with_preprocessing),
+        # whether this process rewrote it or it was saved that way.
+        self.takes_uint8 = model_input.type == "tensor(uint8)"
         self.report.load_s = time.perf_counter() - started
         self.batchable = self._batch_equals_singles()
         if not self.batchable:
@@ -204,12 +259,21 @@ class OnnxModel:
         options.log_severity_level = 3
         return options
 
-    def _probe(self, n: int) -> npt.NDArray[np.float32]:
+    def _probe(self, n: int) -> npt.NDArray[Any]:
         rng = np.random.default_rng(n)
         width, height = self.spec.size
+        if self.takes_uint8:
+            return rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8)
         return rng.standard_normal((n, 3, height, width), dtype=np.float32)
 
-    def _run(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def model_input(self, images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[Any]:
+        """What the session takes for these uint8 (H, W, 3) model-size images:
+        the stacked uint8 batch when the graph normalises, else rembg's float32."""
+        if self.takes_uint8:
+            return np.stack(images)
+        return normalize_batch(images, self.spec)
+
+    def _run(self, batch: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         outputs = self.session.run(None, {self.input_name: batch})
         pred: npt.NDArray[np.float32] = outputs[self.spec.output][:, 0, :, :]
         return pred
@@ -242,7 +306,7 @@ class OnnxModel:
         self, images: Sequence[npt.NDArray[np.uint8]]
     ) -> list[npt.NDArray[np.uint8]]:
         """uint8 (H, W, 3) model-size images -> uint8 (H, W) masks, one per image."""
-        batch = normalize_batch(images, self.spec)
+        batch = self.model_input(images)
         preds: list[npt.NDArray[np.float32]] = []
         start = 0
         for take, shape in plan_chunks(len(images), self.buckets, self.runtime.use_gpu):
@@ -250,13 +314,11 @@ class OnnxModel:
             start += take
         return masks_from_output(np.concatenate(preds), self.spec)
 
-    def _run_chunk(
-        self, chunk: npt.NDArray[np.float32], shape: int
-    ) -> npt.NDArray[np.float32]:
+    def _run_chunk(self, chunk: npt.NDArray[Any], shape: int) -> npt.NDArray[np.float32]:
         n = len(chunk)
         padded = chunk
         if shape > n:
-            pad = np.zeros((shape - n, *chunk.shape[1:]), dtype=np.float32)
+            pad = np.zeros((shape - n, *chunk.shape[1:]), dtype=chunk.dtype)
             padded = np.concatenate([chunk, pad])
         try:
             return self._run(padded)[:n]
@@ -273,5 +335,8 @@ class OnnxModel:
                 n - half,
             )
             return np.concatenate(
-                [self._run_chunk(chunk[:half], half), self._run_chunk(chunk[half:], n - half)]
+                [
+                    self._run_chunk(chunk[:half], half),
+                    self._run_chunk(chunk[half:], n - half),
+                ]
             )
