@@ -1,0 +1,296 @@
+"""``rembg-serve``: fetch models, send folders through the service, check it, bench it.
+
+rembg-serve fetch u2net isnet-general-use    # into rembg's model store
+rembg-serve remove photos/ -o out/ --concurrency 16
+rembg-serve health --url http://10.0.0.5:8000
+rembg-serve bench --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from deployments.client import DEFAULT_URL, ApiError, AsyncClient, Client, Options, Retry
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+API_KEY_ENV = "REMBG_SERVE_API_KEY"
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    target: Path
+
+
+def plan(inputs: Sequence[Path], outdir: Path, suffix: str) -> list[Job]:
+    """Each input file -> its output path; folders are walked, their layout kept.
+
+    The mapping depends only on the inputs, so a rerun finds the same outputs
+    (that is what makes ``remove`` resumable). ``a.jpg`` and ``a.png`` in one
+    folder would both become ``a.png``: those keep their full name (``a.jpg.png``).
+    """
+    pairs: list[tuple[Path, Path]] = []
+    for item in inputs:
+        if item.is_dir():
+            files = sorted(
+                p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            pairs.extend((p, p.relative_to(item)) for p in files)
+        elif item.is_file():
+            pairs.append((item, Path(item.name)))
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    stems: dict[Path, int] = {}
+    for _, rel in pairs:
+        stems[rel.with_suffix("")] = stems.get(rel.with_suffix(""), 0) + 1
+    jobs = []
+    for source, rel in pairs:
+        clash = stems[rel.with_suffix("")] > 1
+        name = (rel.name if clash else rel.stem) + suffix
+        jobs.append(Job(source, outdir / rel.parent / name))
+    return jobs
+
+
+def _write(target: Path, data: bytes) -> None:
+    # Through a temporary name: an interrupted run never leaves a truncated
+    # output that a resumed run would take as done.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    partial.write_bytes(data)
+    partial.replace(target)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiError):
+        return f"{exc.status} {exc.code}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def remove_all(
+    jobs: Sequence[Job],
+    client: AsyncClient,
+    options: Options,
+    concurrency: int,
+    progress: bool = True,
+) -> tuple[int, int, list[tuple[Path, str]]]:
+    """Sends every job not done yet; returns (done, skipped, failures)."""
+    from tqdm import tqdm
+
+    todo = [job for job in jobs if not job.target.is_file()]
+    skipped = len(jobs) - len(todo)
+    failures: list[tuple[Path, str]] = []
+    queue: asyncio.Queue[Job] = asyncio.Queue()
+    for job in todo:
+        queue.put_nowait(job)
+    bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr)
+
+    async def worker() -> None:
+        while not queue.empty():
+            job = queue.get_nowait()
+            try:
+                result = await client.remove(job.source, options)
+                await asyncio.to_thread(_write, job.target, result.data)
+            except (ApiError, httpx.HTTPError, OSError) as exc:
+                failures.append((job.source, _describe(exc)))
+                bar.set_postfix(failed=len(failures))
+            bar.update(1)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    finally:
+        bar.close()
+    return len(todo) - len(failures), skipped, failures
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(
+        model=args.model,
+        only_mask=args.only_mask,
+        bgcolor=args.bgcolor,
+        alpha_matting=args.alpha_matting,
+        alpha_matting_foreground_threshold=args.foreground_threshold,
+        alpha_matting_background_threshold=args.background_threshold,
+        alpha_matting_erode_size=args.erode_size,
+        post_process_mask=args.post_process_mask,
+        decontaminate=args.decontaminate,
+        format=args.format,
+    )
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    try:
+        jobs = plan(args.inputs, args.output, "." + args.format)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> tuple[int, int, list[tuple[Path, str]]]:
+        async with AsyncClient(
+            args.url,
+            api_key=args.api_key,
+            timeout_s=args.timeout,
+            retry=Retry(attempts=args.retries + 1),
+            max_connections=args.concurrency,
+        ) as client:
+            return await remove_all(
+                jobs, client, _options(args), args.concurrency, progress=not args.quiet
+            )
+
+    done, skipped, failures = asyncio.run(run())
+    print(f"{done} done, {skipped} already there, {len(failures)} failed -> {args.output}")
+    for source, reason in failures:
+        print(f"  FAILED {source}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.url, api_key=args.api_key, timeout_s=args.timeout) as client:
+            health = client.health()
+            models = client.models()
+    except (ApiError, httpx.HTTPError) as exc:
+        print(f"unreachable or failing: {args.url}: {_describe(exc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"ok": health.ok, "health": health.models, **models}, indent=2))
+    else:
+        print(f"{args.url}: {'healthy' if health.ok else 'NOT healthy'}")
+        for info in models.get("models", []):
+            name = info.get("name", "?")
+            warm = "warm" if health.models.get(name) else "not ready"
+            default = " (default)" if name == models.get("default") else ""
+            detail = ""
+            if "provider" in info:
+                detail = (
+                    f" {info['device']} {info['provider']}, batch <= {info['max_batch_size']}"
+                    f", batches formed {info.get('batch_sizes_formed', {})}"
+                )
+            print(f"  {name}{default}: {warm}{detail}")
+    return 0 if health.ok else 1
+
+
+def _configured_models(config: Path) -> list[str]:
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    names: list[str] = []
+    for app in data.get("applications", []):
+        names.extend(m["name"] for m in app.get("args", {}).get("models", []) if "path" not in m)
+    return names
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from deployments.errors import ServiceError
+    from deployments.models import EMBEDDED, MODEL_TABLE, fetch_model
+
+    names = list(args.models)
+    if not names:
+        if not args.config.is_file():
+            print(
+                f"name models to fetch, or give a config (--config); known: "
+                f"{', '.join(MODEL_TABLE)}",
+                file=sys.stderr,
+            )
+            return 2
+        names = _configured_models(args.config)
+    failed = 0
+    for name in names:
+        if name in EMBEDDED:
+            print(f"{name}: embedded in the package, nothing to fetch")
+            continue
+        try:
+            print(f"{name}: {fetch_model(name)}")
+        except (ServiceError, OSError, ValueError) as exc:
+            # pooch raises ValueError on a checksum mismatch.
+            failed += 1
+            print(f"{name}: FAILED: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    # Imported here: the benchmark pulls in the pipeline and ONNX Runtime.
+    from deployments import bench
+
+    return int(bench.main(list(args.bench_args)))
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"sent as X-API-Key (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="rembg-serve", description="Background removal on Ray Serve: the command line."
+    )
+    sub = root.add_subparsers(dest="command", required=True)
+
+    fetch = sub.add_parser("fetch", help="download models into rembg's model store")
+    fetch.add_argument("models", nargs="*", metavar="MODEL")
+    fetch.add_argument(
+        "--config",
+        type=Path,
+        default=Path("serve_config.yaml"),
+        help="with no MODEL: fetch the models this config serves",
+    )
+    fetch.set_defaults(func=cmd_fetch)
+
+    remove = sub.add_parser("remove", help="send files or folders through the service")
+    remove.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    remove.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    _add_connection(remove)
+    remove.add_argument("-c", "--concurrency", type=int, default=8)
+    remove.add_argument("--retries", type=int, default=5, help="on 503 and network errors")
+    remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    remove.add_argument("-m", "--model", default=None, help="a served model (default: its default)")
+    remove.add_argument("--only-mask", action="store_true")
+    remove.add_argument("--bgcolor", default=None, help="R,G,B,A or #RRGGBBAA")
+    remove.add_argument("-a", "--alpha-matting", action="store_true")
+    remove.add_argument("--foreground-threshold", type=int, default=240)
+    remove.add_argument("--background-threshold", type=int, default=10)
+    remove.add_argument("--erode-size", type=int, default=10)
+    remove.add_argument("--post-process-mask", action="store_true")
+    remove.add_argument("--decontaminate", action="store_true")
+    remove.add_argument("--format", choices=["png", "webp"], default="png")
+    remove.set_defaults(func=cmd_remove)
+
+    health = sub.add_parser("health", help="the service's health and models; exit 0 if healthy")
+    _add_connection(health)
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(func=cmd_health)
+
+    bench = sub.add_parser(
+        "bench", help="the benchmark (python -m deployments.bench); arguments go to it"
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return root
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] == ["bench"]:
+        # Everything after `bench` is the benchmark's own command line, options
+        # included, which argparse's REMAINDER does not reliably pass through.
+        return cmd_bench(argparse.Namespace(bench_args=given[1:]))
+    args = parser().parse_args(given)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The Python client against the running service; its retry policy on httpx's MockTransport."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURES, Service, gradient, image_bytes
+from deployments.client import ApiError, AsyncClient, Client, Options, Retry
+
+CAR = FIXTURES / "car-1.jpg"
+
+
+def test_options_send_only_what_differs() -> None:
+    assert Options().params() == {}
+    params = Options(model="u2netp", only_mask=True, bgcolor="#ff0000", format="webp").params()
+    assert params == {
+        "model": "u2netp",
+        "only_mask": "true",
+        "bgcolor": "#ff0000",
+        "format": "webp",
+    }
+    assert Options(alpha_matting_erode_size=3).params() == {"alpha_matting_erode_size": "3"}
+
+
+def test_remove_a_file_and_bytes(service: Service) -> None:
+    with Client(service.url) as client:
+        from_path = client.remove(CAR)
+        from_bytes = client.remove(CAR.read_bytes())
+    original = Image.open(CAR)
+    assert (from_path.width, from_path.height) == original.size
+    assert from_path.model == "u2netp" and from_path.media_type == "image/png"
+    assert from_path.data == from_bytes.data
+    alpha = np.asarray(Image.open(io.BytesIO(from_path.data)).getchannel("A"))
+    assert alpha.min() == 0 and alpha.max() == 255
+
+
+def test_options_reach_the_service(service: Service) -> None:
+    with Client(service.url) as client:
+        mask = client.remove(image_bytes(gradient()), Options(only_mask=True))
+        webp = client.remove(image_bytes(gradient()), Options(format="webp"))
+    assert Image.open(io.BytesIO(mask.data)).mode == "L"
+    assert webp.media_type == "image/webp"
+    assert Image.open(io.BytesIO(webp.data)).format == "WEBP"
+
+
+@pytest.mark.parametrize(
+    ("data", "options", "status", "code"),
+    [
+        (b"not an image", Options(), 415, "unsupported_image"),
+        (b"", Options(model="no-such-model"), 404, "unknown_model"),
+        (b"x", Options(bgcolor="red"), 400, "bad_parameter"),
+    ],
+)
+def test_errors_are_typed(
+    service: Service, data: bytes, options: Options, status: int, code: str
+) -> None:
+    payload = data or image_bytes(gradient())
+    with Client(service.url) as client, pytest.raises(ApiError) as raised:
+        client.remove(payload, options)
+    assert (raised.value.status, raised.value.code) == (status, code)
+    assert raised.value.message
+
+
+def test_health_and_models(service: Service) -> None:
+    with Client(service.url) as client:
+        health = client.health()
+        models = client.models()
+    assert health.ok and health.models == {"u2netp": True}
+    assert models["default"] == "u2netp"
+    assert [m["name"] for m in models["models"]] == ["u2netp"]
+
+
+def test_async_client_concurrently(service: Service) -> None:
+    images = [image_bytes(gradient(40 + 8 * i, 30 + 4 * i)) for i in range(6)]
+
+    async def run() -> list[tuple[int, int]]:
+        async with AsyncClient(service.url) as client:
+            assert (await client.health()).ok
+            results = await asyncio.gather(*(client.remove(img) for img in images))
+            with pytest.raises(ApiError, match="unsupported_image"):
+                await client.remove(b"junk")
+            return [(r.width, r.height) for r in results]
+
+    assert asyncio.run(run()) == [(40 + 8 * i, 30 + 4 * i) for i in range(6)]
+
+
+def test_async_remove_reads_a_path(service: Service, tmp_path: Path) -> None:
+    path = tmp_path / "g.png"
+    path.write_bytes(image_bytes(gradient()))
+
+    async def run() -> bytes:
+        async with AsyncClient(service.url) as client:
+            return (await client.remove(path)).data
+
+    assert Image.open(io.BytesIO(asyncio.run(run()))).size == (64, 48)
+
+
+# The retry policy needs a service that sheds load or drops connections on cue:
+# httpx's MockTransport plays it, in front of the real client code.
+
+
+def _flaky(failures: list[httpx.Response | Exception]) -> httpx.MockTransport:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if failures:
+            failure = failures.pop(0)
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
+        return httpx.Response(
+            200,
+            content=b"PNG",
+            headers={"X-Width": "2", "X-Height": "1", "X-Model": "m", "Content-Type": "image/png"},
+        )
+
+    transport = httpx.MockTransport(handler)
+    transport.seen = seen  # type: ignore[attr-defined]
+    return transport
+
+
+def _overloaded(retry_after: str = "0") -> httpx.Response:
+    return httpx.Response(
+        503,
+        json={"error": {"code": "overloaded", "message": "at capacity"}},
+        headers={"Retry-After": retry_after},
+    )
+
+
+def test_retries_503_and_network_errors_then_succeeds() -> None:
+    transport = _flaky([_overloaded(), httpx.ConnectError("refused"), _overloaded()])
+    with Client("http://svc", transport=transport, retry=Retry(attempts=4, base_s=0.01)) as c:
+        result = c.remove(b"img")
+    assert (result.data, result.width, result.height, result.model) == (b"PNG", 2, 1, "m")
+    assert len(transport.seen) == 4  # type: ignore[attr-defined]
+
+
+def test_gives_up_after_the_attempts_with_the_last_error() -> None:
+    transport = _flaky([_overloaded() for _ in range(5)])
+    with Client("http://svc", transport=transport, retry=Retry(attempts=3)) as c:
+        with pytest.raises(ApiError) as raised:
+            c.remove(b"img")
+    assert (raised.value.status, raised.value.code, raised.value.retry_after_s) == (
+        503,
+        "overloaded",
+        0.0,
+    )
+    assert len(transport.seen) == 3  # type: ignore[attr-defined]
+
+
+def test_client_errors_are_not_retried() -> None:
+    bad = httpx.Response(400, json={"error": {"code": "bad_parameter", "message": "no"}})
+    transport = _flaky([bad])
+    with Client("http://svc", transport=transport) as c, pytest.raises(ApiError, match="400"):
+        c.remove(b"img")
+    assert len(transport.seen) == 1  # type: ignore[attr-defined]
+
+
+def test_async_retries_timeouts() -> None:
+    failures: list[httpx.Response | Exception] = [httpx.ReadTimeout("slow"), _overloaded()]
+    seen: list[int] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        if failures:
+            failure = failures.pop(0)
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
+        return httpx.Response(200, content=b"ok", headers={"X-Width": "1", "X-Height": "1"})
+
+    async def run() -> bytes:
+        async with AsyncClient(
+            "http://svc", transport=httpx.MockTransport(handler), retry=Retry(base_s=0.01)
+        ) as client:
+            return (await client.remove(b"img")).data
+
+    assert asyncio.run(run()) == b"ok" and len(seen) == 3
+
+
+def test_backoff_honours_retry_after_and_grows() -> None:
+    retry = Retry(base_s=0.5, max_s=30)
+    assert retry.delay(0, 2.0) == 2.0
+    assert retry.delay(0, 120.0) == 30  # capped
+    assert all(0 <= retry.delay(3, None) <= 4.0 for _ in range(50))
+    assert max(retry.delay(6, None) for _ in range(200)) > 4.0
