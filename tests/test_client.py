@@ -145,9 +145,12 @@ def test_retries_503_and_network_errors_then_succeeds() -> None:
 
 def test_gives_up_after_the_attempts_with_the_last_error() -> None:
     transport = _flaky([_overloaded() for _ in range(5)])
-    with Client("http://svc", transport=transport, retry=Retry(attempts=3)) as c:
-        with pytest.raises(ApiError) as raised:
-            c.remove(b"img")
+    retry = Retry(attempts=3)
+    with (
+        Client("http://svc", transport=transport, retry=retry) as c,
+        pytest.raises(ApiError) as raised,
+    ):
+        c.remove(b"img")
     assert (raised.value.status, raised.value.code, raised.value.retry_after_s) == (
         503,
         "overloaded",
