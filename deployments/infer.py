@@ -286,9 +286,15 @@ class OnnxModel:
             logger.warning("model %s: batch of 2 failed: %s", self.spec.name, exc)
             return False
         apart = np.concatenate([self._run(probe[:1]), self._run(probe[1:])])
-        # Bit-equal on the CPU; GPU kernels may pick other algorithms per shape.
+        # Bit-equal on the CPU. On a GPU, cuDNN picks an algorithm per shape and
+        # runs float32 convolutions in TF32 (10-bit mantissa) by default, and an
+        # fp16 model is coarser still: runs differ by ~1e-3 there. An export that
+        # mixes the images of a batch differs by the signal itself (~0.1-1), so a
+        # tolerance of 1e-2 still tells the two apart.
+        coarse = self.runtime.use_gpu or self.runtime.fp16
+        rtol, atol = (1e-2, 1e-2) if coarse else (1e-3, 1e-4)
         return together.shape == apart.shape and bool(
-            np.allclose(together, apart, rtol=1e-3, atol=1e-4)
+            np.allclose(together, apart, rtol=rtol, atol=atol)
         )
 
     def warm(self, max_batch_size: int) -> None:
@@ -302,9 +308,7 @@ class OnnxModel:
         self.report.warmup_s += time.perf_counter() - started
         self.buckets = wanted
 
-    def predict(
-        self, images: Sequence[npt.NDArray[np.uint8]]
-    ) -> list[npt.NDArray[np.uint8]]:
+    def predict(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[npt.NDArray[np.uint8]]:
         """uint8 (H, W, 3) model-size images -> uint8 (H, W) masks, one per image."""
         batch = self.model_input(images)
         preds: list[npt.NDArray[np.float32]] = []
