@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +105,22 @@ def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+_SHARED: list[tuple[Observed, ExitStack]] = []
+
+
 @pytest.fixture(scope="module")
-def observed() -> Iterator[Observed]:
-    with observed_service() as running:
-        yield running
+def observed(request: pytest.FixtureRequest) -> Iterator[Observed]:
+    """One JSON-logging service for the modules that use it (this one, test_logs):
+    started by the first, stopped as soon as no test left in the session needs it."""
+    if not _SHARED:
+        stack = ExitStack()
+        _SHARED.append((stack.enter_context(observed_service()), stack))
+    yield _SHARED[0][0]
+    items = request.session.items
+    mine = [i for i, item in enumerate(items) if getattr(item, "module", None) is request.module]
+    later = items[max(mine) + 1 :] if mine else []
+    if not any("observed" in item.fixturenames for item in later):
+        _SHARED.pop()[1].close()
 
 
 def our_metrics() -> dict[str, str]:
