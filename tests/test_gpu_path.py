@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -68,11 +70,16 @@ def test_cpu_only_without_a_gpu() -> None:
     assert providers_for(RuntimeConfig(gpu_mem_limit=GB)) == [CPU]
 
 
+def cuda_options(runtime: RuntimeConfig) -> dict[str, Any]:
+    providers = providers_for(runtime)
+    assert providers[1:] == [CPU]  # the CPU provider takes what CUDA cannot run
+    first = providers[0]
+    assert isinstance(first, tuple) and first[0] == CUDA
+    return first[1]
+
+
 def test_cuda_options_with_a_gpu() -> None:
-    providers = providers_for(RuntimeConfig(use_gpu=True, device_id=0, gpu_mem_limit=18 * GB))
-    assert providers[1] == CPU
-    name, options = providers[0]
-    assert name == CUDA
+    options = cuda_options(RuntimeConfig(use_gpu=True, device_id=0, gpu_mem_limit=18 * GB))
     assert options["gpu_mem_limit"] == 18 * GB
     assert options["arena_extend_strategy"] == "kSameAsRequested"
     assert options["cudnn_conv_algo_search"] == "EXHAUSTIVE"
@@ -80,9 +87,7 @@ def test_cuda_options_with_a_gpu() -> None:
 
 
 def test_cuda_without_a_known_card_size_leaves_the_arena_uncapped() -> None:
-    name, options = providers_for(RuntimeConfig(use_gpu=True))[0]
-    assert name == CUDA
-    assert "gpu_mem_limit" not in options
+    assert "gpu_mem_limit" not in cuda_options(RuntimeConfig(use_gpu=True))
 
 
 @pytest.mark.parametrize(
@@ -359,3 +364,26 @@ def test_gpu_bench_prepares_variants_that_load_without_rewriting(tmp_path: Path)
     assert inputs["u2netp.fp16.onnx"].elem_type == TensorProto.FLOAT
     # The batch dimension is symbolic in every file: no onnx needed where they run.
     assert all(t.shape.dim[0].dim_param == "batch" for t in inputs.values())
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_prepared_variants_without_onnx(tmp_path: Path) -> None:
+    # As on the GPU box, where `import onnx` fails: the files from --prepare load
+    # as they are, the in-graph one takes uint8, the fp16 one float32.
+    models = tmp_path / "models"
+    gpu_bench.prepare(U2NETP, EMBEDDED["u2netp"], models)
+    code = (
+        "import sys; sys.modules['onnx'] = None\n"
+        "from deployments import gpu_bench\n"
+        f"gpu_bench.main(['--quick', '--cpu', '--models-dir', {str(models)!r}])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [v["name"] for v in result["variants"]] == ["fp32", "pre", "fp16"]
+    assert all(v["error"] is None and v["batchable"] for v in result["variants"])
