@@ -102,9 +102,7 @@ def runtime_for(
         if total:
             limit = gpu_mem_limit_bytes(num_gpus, total)
         else:
-            logger.warning(
-                "GPU memory unknown (install nvidia-ml-py): the CUDA arena is uncapped"
-            )
+            logger.warning("GPU memory unknown (install nvidia-ml-py): the CUDA arena is uncapped")
     return RuntimeConfig(
         use_gpu=use_gpu,
         # Ray sets CUDA_VISIBLE_DEVICES to the assigned card: it is device 0 here.
