@@ -16,7 +16,6 @@ from rembg.bg import (
     alpha_matting_cutout,
     apply_background_color,
     decontaminate_cutout,
-    naive_cutout,
     post_process,
 )
 
@@ -44,12 +43,25 @@ def mask_to_size(mask: npt.NDArray[np.uint8], size: tuple[int, int]) -> Image.Im
     return Image.fromarray(mask, mode="L").resize(size, Image.Resampling.LANCZOS)
 
 
+def naive_cutout(img: Image.Image, mask: Image.Image) -> Image.Image:
+    """rembg's ``naive_cutout`` without its extra full-size copy.
+
+    rembg calls ``Image.composite(img, empty, mask)``, which copies ``empty``
+    and pastes into the copy; pasting into ``empty`` itself gives the same pixels
+    with one RGBA buffer less (96 MB at 24 megapixels).
+    """
+    cutout = Image.new("RGBA", img.size, 0)
+    cutout.paste(img, None, mask)
+    return cutout
+
+
 def compose(img: Image.Image, mask: Image.Image, options: RemoveOptions) -> Image.Image:
     """Cut ``img`` (RGB or RGBA) out along ``mask`` (L, same size), as rembg.remove."""
     if options.post_process_mask:
         mask = Image.fromarray(post_process(np.asarray(mask)))
     if options.only_mask:
         return mask
+    cutout: Image.Image
     if options.alpha_matting:
         try:
             cutout = alpha_matting_cutout(

@@ -3,23 +3,76 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
+import numpy as np
 from PIL import Image
 
 from deployments.compose import OutputFormat
 
 MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "webp": "image/webp"}
 
+# PNG colour types of the modes the fast writer handles (8 bits a channel).
+_COLOR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
+# Rows filtered and compressed per step: bounds the copies to a few MiB even
+# for a 24-megapixel image.
+_STRIPE_BYTES = 4 << 20
+
 
 def encode(img: Image.Image, fmt: OutputFormat, png_compress_level: int = 1) -> bytes:
-    """PNG (lossless at any level; level 1 is ~5x faster than Pillow's 6) or WebP.
+    """PNG (lossless at any level) or WebP.
 
+    At level 1 (the default) PNG goes through ``fast_png``: the same pixels in
+    about half the time of Pillow's level 1. Other levels use Pillow's encoder.
     WebP is lossy at quality 90 for colour with a lossless alpha plane, so the
     mask's edges stay exact.
     """
+    if fmt == "png" and png_compress_level == 1 and img.mode in _COLOR_TYPES:
+        return fast_png(img)
     out = io.BytesIO()
     if fmt == "png":
         img.save(out, "PNG", compress_level=png_compress_level)
     else:
         img.save(out, "WEBP", quality=90, method=4, alpha_quality=100)
     return out.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def fast_png(img: Image.Image) -> bytes:
+    """An 8-bit L, RGB or RGBA image as PNG: every row "Up"-filtered, zlib RLE.
+
+    Pillow tries four filters on every row and keeps the best; one fixed filter
+    computed by numpy, with zlib's run-length strategy (cut-outs are mostly runs
+    of transparent black), is about 2x faster at a similar size. numpy and zlib
+    release the GIL, so stripes encode in parallel with other requests.
+    """
+    width, height = img.size
+    channels = len(img.getbands())
+    row_bytes = width * channels
+    step = max(1, _STRIPE_BYTES // max(row_bytes, 1))
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    parts: list[bytes] = []
+    previous = np.zeros(row_bytes, dtype=np.uint8)
+    for top in range(0, height, step):
+        bottom = min(top + step, height)
+        rows = np.asarray(img.crop((0, top, width, bottom))).reshape(bottom - top, row_bytes)
+        filtered = np.empty((bottom - top, row_bytes + 1), dtype=np.uint8)
+        filtered[:, 0] = 2  # filter type Up: each byte minus the byte above (mod 256)
+        np.subtract(rows[:1], previous, out=filtered[:1, 1:])
+        np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+        previous = rows[-1].copy()
+        parts.append(compressor.compress(filtered.data))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[img.mode], 0, 0, 0)
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", b"".join(parts)),
+            _chunk(b"IEND", b""),
+        ]
+    )
