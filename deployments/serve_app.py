@@ -9,7 +9,6 @@ batch knobs in ``reconfigure`` and groups requests with ``@serve.batch``.
 import asyncio
 import hmac
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -43,8 +42,9 @@ from deployments.errors import (
     Unauthorized,
     UnknownModel,
 )
+from deployments.gpu import runtime_for
 from deployments.http import query_options, read_body, read_multipart, rembg_options
-from deployments.infer import OnnxModel, RuntimeConfig, gpu_mem_limit_bytes
+from deployments.infer import OnnxModel
 from deployments.metrics import IngressMetrics, ModelMetrics
 from deployments.models import resolve_model_file, spec_for
 from deployments.pipeline import Finished, finish, prepare
@@ -121,22 +121,11 @@ def _service_error_from(exc: BaseException) -> ServiceError:
     return InferenceFailed("inference failed")
 
 
-def _replica_resources() -> tuple[float, list[int]]:
+def _replica_resources() -> tuple[float, list[str]]:
     context = ray.get_runtime_context()
     cpus = float(context.get_assigned_resources().get("CPU", 1.0))
-    return cpus, [int(g) for g in ray.get_gpu_ids()]
-
-
-def _gpu_total_memory(physical_id: int) -> int | None:
-    """The card's memory in bytes through NVML, when nvidia-ml-py is installed."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(physical_id)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-    except Exception:
-        return None
+    # Indices, or UUIDs where CUDA_VISIBLE_DEVICES lists UUIDs: kept as strings.
+    return cpus, [str(g) for g in ray.get_gpu_ids()]
 
 
 @serve.deployment(name="Model")
@@ -149,6 +138,7 @@ class ModelServer:
         self.spec = spec_for(config.name)
         self.num_gpus = num_gpus
         self.default_path = config.path
+        self.config = config
         self.batch = BatchSettings()
         self.last_ok = 0.0
         self.batch_sizes: Counter[int] = Counter()
@@ -168,14 +158,12 @@ class ModelServer:
 
     def _load(self, path: Path | None, max_batch_size: int) -> tuple[OnnxModel, Path]:
         cpus, gpu_ids = _replica_resources()
-        use_gpu = bool(gpu_ids) and self.num_gpus > 0
-        total = _gpu_total_memory(gpu_ids[0]) if use_gpu else None
-        runtime = RuntimeConfig(
-            use_gpu=use_gpu,
-            # Ray sets CUDA_VISIBLE_DEVICES to the assigned card: it is device 0 here.
-            device_id=0,
-            intra_op_threads=max(1, math.ceil(cpus)),
-            gpu_mem_limit=gpu_mem_limit_bytes(self.num_gpus, total) if total else None,
+        runtime = runtime_for(
+            cpus,
+            gpu_ids,
+            self.num_gpus,
+            fp16=self.config.fp16,
+            preprocess_in_graph=self.config.preprocess_in_graph,
         )
         resolved = resolve_model_file(self.name, path)
         return OnnxModel(resolved, self.spec, runtime, max_batch_size), resolved

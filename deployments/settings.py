@@ -24,6 +24,12 @@ class ModelConfig(_Strict):
 
     name: str
     path: Path | None = None
+    # Opt-in GPU-path variants (deployments.gpu). fp16: float16 weights and
+    # arithmetic, float32 IO, GPU replicas only; masks drift by a few grey levels
+    # at edges, so it is not rembg-exact. preprocess_in_graph: rembg's
+    # normalisation as graph nodes, bit-exact; the replica feeds uint8.
+    fp16: bool = False
+    preprocess_in_graph: bool = False
 
     @field_validator("name")
     @classmethod
