@@ -425,7 +425,11 @@ class Ingress:
         infos = await asyncio.gather(*(one(h) for h in self.models.values()))
         return dict(zip(self.models, infos, strict=True))
 
-    @api.get("/healthz", summary="200 when every configured model is warm")
+    @api.get(
+        "/healthz",
+        summary="200 when every configured model is warm",
+        responses={503: {"description": "A configured model is not warm"}},
+    )
     async def healthz(self) -> JSONResponse:
         infos = await self._model_infos()
         warm = {name: info is not None for name, info in infos.items()}
