@@ -1,0 +1,234 @@
+"""Cluster autoscaling: GPU nodes come for GPU replicas and go when idle.
+
+Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``) plays the cloud: its
+"nodes" are extra raylets on this machine that declare a GPU. The head has
+none, as on KubeRay (config/rayservice.yaml) and the cluster launcher
+(config/cluster.yaml). No CUDA runs here, so the replicas are a probe with the
+model replica's resource options from ``build_app`` (ModelServer itself would
+refuse a GPU it cannot use; see tests/test_scaling.py).
+
+The head runs under its own short temp dir and in its own process group, and
+teardown kills that group only: never `ray stop`, which would stop every Ray on
+the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from ray import serve
+from test_scaling import GpuProbe, model_actor_options, replica_reports, wait_for
+
+from conftest import free_port
+from deployments.serve_app import build_app, use_gpu_for
+
+pytestmark = pytest.mark.slow
+
+IDLE_TIMEOUT_S = 6
+
+
+def autoscaling_config(gcs_address: str) -> dict[str, Any]:
+    """The fake provider's cluster config: a CPU head and GPU workers from zero.
+
+    Ray's wheel lacks the example YAML that ``ray.cluster_utils.AutoscalingCluster``
+    reads, so the whole config is written here.
+    """
+    return {
+        "cluster_name": "rembg-fake",
+        "max_workers": 2,
+        "provider": {
+            "type": "fake_multinode",
+            # Its nodes join this head, not the default port 6379.
+            "gcs_address": gcs_address,
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "available_node_types": {
+            "ray.head.default": {
+                "resources": {"CPU": 1},
+                "node_config": {},
+                "max_workers": 0,
+            },
+            "gpu": {
+                "resources": {"CPU": 2, "GPU": 1},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 2,
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "idle_timeout_minutes": IDLE_TIMEOUT_S / 60,
+        "upscaling_speed": 1.0,
+        "auth": {},
+        "docker": {},
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+    }
+
+
+@dataclass
+class FakeCluster:
+    address: str
+    temp_dir: Path
+    head: subprocess.Popen[bytes]
+
+
+def _pids_under(temp_dir: Path) -> list[int]:
+    """Processes whose command line names our temp dir (a node that left our group)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(temp_dir).encode() in cmdline and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return pids
+
+
+def _stop(cluster: FakeCluster) -> None:
+    """Stop our head and the nodes its autoscaler started, and nothing else."""
+    group = cluster.head.pid
+    try:
+        os.killpg(group, signal.SIGTERM)  # `ray start --block` stops its node on TERM
+        cluster.head.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    with suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    for pid in _pids_under(cluster.temp_dir):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    cluster.head.wait(timeout=10)
+
+
+@contextmanager
+def fake_gpu_cluster(log: Path) -> Iterator[FakeCluster]:
+    from ray._private.services import get_node_ip_address
+
+    # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    port = free_port()
+    address = f"{get_node_ip_address()}:{port}"
+    config = temp_dir / "autoscaling.yaml"
+    config.write_text(yaml.safe_dump(autoscaling_config(address)))
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        # Ray reads the driver's auth mode once per process, before this test
+        # runs; a head that asked for a token would turn this driver away.
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    ray_cli = Path(sys.executable).parent / "ray"
+    command = [
+        str(ray_cli), "start", "--head", "--block",
+        f"--port={port}",
+        f"--temp-dir={temp_dir}",
+        f"--autoscaling-config={config}",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        # Every fixed default port taken elsewhere on a shared machine.
+        f"--dashboard-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]  # fmt: skip
+    head = subprocess.Popen(
+        command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    cluster = FakeCluster(address, temp_dir, head)
+    try:
+        yield cluster
+    finally:
+        try:
+            if ray.is_initialized():
+                with suppress(Exception):  # Serve may never have started
+                    serve.shutdown()
+                ray.shutdown()
+        finally:
+            _stop(cluster)
+
+
+def gpu_nodes() -> list[str]:
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
+
+
+def connect(cluster: FakeCluster, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if cluster.head.poll() is not None:
+            raise RuntimeError(f"the head exited:\n{log.read_text()[-3000:]}")
+        try:
+            ray.init(address=cluster.address)
+            return
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def test_gpu_nodes_launch_for_replicas_and_go_when_idle(tmp_path: Path) -> None:
+    log = tmp_path / "head.log"
+    with fake_gpu_cluster(log) as cluster:
+        connect(cluster, log)
+        assert gpu_nodes() == []
+        # With no GPU node up yet `auto` would choose the CPU path: a cluster
+        # that scales GPU nodes from zero sets `device: gpu`.
+        assert not use_gpu_for("auto", ray.cluster_resources().get("GPU", 0))
+        options = model_actor_options(build_app({"device": "gpu", "num_gpus": 0.5}))
+        assert options == {"num_cpus": 1, "num_gpus": 0.5}
+
+        # One proxy, on the head: every fake node shares this machine's ports.
+        serve.start(
+            proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()}
+        )
+        started = time.monotonic()
+        probe = GpuProbe.options(num_replicas=4, ray_actor_options=options)
+        handle = serve.run(probe.bind(), name="probe", route_prefix=None)
+        up_s = time.monotonic() - started
+        # Four half-GPU replicas: two GPU nodes, launched for them.
+        assert len(gpu_nodes()) == 2
+        reports = replica_reports(handle, want=4)
+        assert {r["node"] for r in reports.values()} == set(gpu_nodes())
+        assert all(r["gpu_ids"] == [0] for r in reports.values())
+
+        # Load gone: down to one warm replica; its node stays, the other goes.
+        started = time.monotonic()
+        serve.run(probe.options(num_replicas=1).bind(), name="probe", route_prefix=None)
+        down_s = wait_for(
+            lambda: len(gpu_nodes()) == 1, 300, "idle GPU node removed", lambda: str(ray.nodes())
+        )
+        (survivor,) = gpu_nodes()
+        (last,) = replica_reports(handle, want=1).values()
+        assert last["node"] == survivor and last["gpu_ids"] == [0]
+        time.sleep(IDLE_TIMEOUT_S * 2)
+        assert gpu_nodes() == [survivor]  # a node with a replica is never idle
+        print(f"2 GPU nodes up with 4 replicas in {up_s:.1f}s; idle node gone in {down_s:.1f}s")
+    assert _pids_under(cluster.temp_dir) == []
