@@ -15,6 +15,7 @@ the machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,7 @@ def fake_gpu_cluster(log: Path) -> Iterator[FakeCluster]:
                 ray.shutdown()
         finally:
             _stop(cluster)
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def gpu_nodes() -> list[str]:
