@@ -1,0 +1,120 @@
+"""Operating the service under load: a model update and a scale-down drop nothing.
+
+Both go the way an operator does them: an edited serve_config.yaml sent again
+with `serve deploy` to the running cluster, while clients keep posting images.
+Every answer is counted; the target is no answer other than 200.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import serve
+from test_scaling import (
+    MODEL,
+    Load,
+    LocalServe,
+    edited_config,
+    local_serve,
+    replicas,
+    wait_for,
+)
+
+from conftest import free_port
+from deployments.models import EMBEDDED
+
+pytestmark = pytest.mark.slow
+
+
+def model_info(cluster: LocalServe) -> dict[str, Any]:
+    with cluster.client(timeout=30) as client:
+        (info,) = client.get("/models").json()["models"]
+    return dict(info)
+
+
+def started(cluster: LocalServe, port: int, **model: Any) -> LocalServe:
+    cluster.url = f"http://127.0.0.1:{port}"
+    cluster.deploy(edited_config(port, **model))
+    return cluster
+
+
+def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
+    # "The new model": a copy of the embedded u2netp under another name, so
+    # that /models can tell which file answers.
+    new_file = tmp_path / "u2netp-v2.onnx"
+    shutil.copy(EMBEDDED["u2netp"], new_file)
+    with local_serve(tmp_path, num_cpus=2) as cluster:
+        port = free_port()
+        # One fixed replica: the update must happen inside it, not by
+        # replacing it.
+        fixed = {"autoscaling_config": None, "num_replicas": 1}
+        started(cluster, port, user_config={"max_batch_size": 2}, **fixed)
+        before = model_info(cluster)
+        assert before["file"] == "u2netp.onnx" and before["model_version"] is None
+
+        with Load(cluster.url, clients=4) as load:
+            wait_for(lambda: load.statuses[200] >= 5, 120, "load running")
+            before_update = load.statuses[200]
+            # Returns once the app is RUNNING again: reconfigure() has swapped.
+            cluster.deploy(
+                edited_config(
+                    port,
+                    user_config={
+                        "max_batch_size": 4,
+                        "model_version": "v2",
+                        "model_path": str(new_file),
+                    },
+                    **fixed,
+                )
+            )
+            swap_s = wait_for(
+                lambda: model_info(cluster)["model_version"] == "v2",
+                300,
+                "new model serving",
+            )
+            at_swap = load.statuses[200]
+            # Requests kept being answered while the new session loaded and warmed.
+            assert at_swap > before_update
+            wait_for(lambda: load.statuses[200] >= at_swap + 5, 120, "load after the swap")
+        after = model_info(cluster)
+        print(f"answers {dict(load.statuses)}; swap seen after {swap_s:.1f}s")
+        assert set(load.statuses) == {200}, f"answers other than 200: {load.statuses}"
+        assert after["file"] == "u2netp-v2.onnx"
+        assert after["max_batch_size"] == 4 and 4 in after["batch_shapes"]
+        # reconfigure() swapped the session inside the same replica.
+        assert replicas() == 1 and after["load_s"] != before["load_s"]
+
+
+def test_scale_down_drains_in_flight_requests(tmp_path: Path) -> None:
+    with local_serve(tmp_path, num_cpus=3) as cluster:
+        port = free_port()
+        base = edited_config(port)
+        model = next(d for d in base["applications"][0]["deployments"] if d["name"] == MODEL)
+        # The drain deadline an operator set in serve_config.yaml.
+        grace = model["graceful_shutdown_timeout_s"]
+        assert grace >= 10
+        fixed = {"autoscaling_config": None, "user_config": {"max_batch_size": 1}}
+        started(cluster, port, num_replicas=2, **fixed)
+        assert replicas() == 2
+
+        # Eight clients keep both replicas' queues busy, so the one that stops
+        # has requests in flight when it is told to go.
+        with Load(cluster.url, clients=8) as load:
+            wait_for(lambda: load.statuses[200] >= 10, 120, "load running")
+            cluster.deploy(edited_config(port, num_replicas=1, **fixed))
+            drained_s = wait_for(lambda: states() == {"RUNNING": 1}, grace + 60, "drained")
+            at_drain = load.statuses[200]
+            wait_for(lambda: load.statuses[200] >= at_drain + 5, 120, "load after drain")
+        print(f"answers {dict(load.statuses)}; one replica left after {drained_s:.1f}s")
+        assert set(load.statuses) == {200}, f"answers other than 200: {load.statuses}"
+
+
+def states() -> dict[str, int]:
+    try:
+        status = serve.status().applications["rembg"].deployments[MODEL]
+    except KeyError:
+        return {}
+    return {str(k): int(v) for k, v in status.replica_states.items()}
