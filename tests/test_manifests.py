@@ -65,9 +65,7 @@ def expected_gpu_config() -> dict[str, Any]:
     config: dict[str, Any] = load(ROOT / "serve_config.yaml")
     app = config["applications"][0]
     app["args"] = merged(app["args"], GPU_ARGS)
-    app["deployments"] = [
-        merged(d, GPU_DEPLOYMENTS.get(d["name"], {})) for d in app["deployments"]
-    ]
+    app["deployments"] = [merged(d, GPU_DEPLOYMENTS.get(d["name"], {})) for d in app["deployments"]]
     return config
 
 
@@ -108,10 +106,7 @@ def test_gpu_config_batches_fit_in_flight() -> None:
     for deployment in serve_config_v2()["applications"][0]["deployments"]:
         if "user_config" in deployment:
             # A replica must hold at least one full batch at once.
-            assert (
-                deployment["max_ongoing_requests"]
-                >= deployment["user_config"]["max_batch_size"]
-            )
+            assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
 
 
 def test_rayservice_cluster_shape() -> None:
@@ -190,9 +185,7 @@ def test_dockerfile_copies_paths_that_exist_and_bakes_the_models() -> None:
     assert "pip install ." in runs
     assert "fetch_model" in runs
     # The models are fetched at build time, once the package is installed.
-    install = next(
-        n for n, (i, a) in enumerate(steps) if i == "RUN" and "pip install ." in a
-    )
+    install = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "pip install ." in a)
     fetch = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "fetch_model" in a)
     assert install < fetch
     exposed = {int(p) for i, args in steps if i == "EXPOSE" for p in args.split()}
@@ -203,9 +196,6 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     ignore = (CONFIG / "Dockerfile.dockerignore").read_text().splitlines()
     kept = {line[1:].removesuffix("/**") for line in ignore if line.startswith("!")}
     copied = {
-        source
-        for i, args in dockerfile()
-        if i == "COPY"
-        for source in shlex.split(args)[:-1]
+        source for i, args in dockerfile() if i == "COPY" for source in shlex.split(args)[:-1]
     }
     assert copied <= kept
