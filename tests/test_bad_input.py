@@ -60,8 +60,18 @@ def assert_json_error(response: httpx.Response, status: int, code: str) -> dict[
 
 @functools.cache
 def _bomb() -> bytes:
-    # 30000x30000 1-bit pixels compress to ~110 KB; building them takes seconds.
-    return image_bytes(Image.new("1", (30000, 30000)), "PNG")
+    """A real 30000x30000 1-bit PNG: ~110 KB on the wire, 900 megapixels decoded."""
+    side = 30000
+    row = b"\0" * (1 + side // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row * 1000) for _ in range(side // 1000)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -23,6 +23,9 @@ from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.settings import Limits
 
 # Small limits keep every example cheap while still crossing them often.
+# Pillow warns about corrupt EXIF blocks and reads on; that is what we want.
+pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
+
 LIMITS = Limits(max_upload_bytes=1 << 20, max_pixels=4_000_000, max_side=4_000)
 TIMEOUT_S = 5.0
 
