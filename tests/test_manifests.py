@@ -7,11 +7,12 @@ settings models, and consistency between the files.
 
 from __future__ import annotations
 
-import copy
+import importlib.util
 import json
 import re
 import shlex
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -25,16 +26,17 @@ from deployments.settings import AppSettings, BatchSettings
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
 
-# What a GPU cluster changes in serve_config.yaml; config/rayservice.yaml says why.
-GPU_ARGS = {"device": "gpu", "num_cpus": 1}
-GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
-    "Ingress": {"ray_actor_options": {"num_cpus": 1}},
-    "Model_u2netp": {
-        "user_config": {"max_batch_size": 16},
-        "max_ongoing_requests": 32,
-        "autoscaling_config": {"target_ongoing_requests": 16},
-    },
-}
+
+def _gpu_config_module() -> ModuleType:
+    # config/ is not a package: load its generator by path.
+    spec = importlib.util.spec_from_file_location("gpu_config", CONFIG / "gpu_config.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_config = _gpu_config_module()
 
 
 def load(path: Path) -> Any:
@@ -51,30 +53,26 @@ def serve_config_v2() -> dict[str, Any]:
     return config
 
 
-def merged(base: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in edit.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def expected_gpu_config() -> dict[str, Any]:
-    config: dict[str, Any] = load(ROOT / "serve_config.yaml")
-    app = config["applications"][0]
-    app["args"] = merged(app["args"], GPU_ARGS)
-    app["deployments"] = [merged(d, GPU_DEPLOYMENTS.get(d["name"], {})) for d in app["deployments"]]
-    return config
-
-
 def test_serve_config_v2_is_serve_config_with_the_gpu_overrides() -> None:
-    assert serve_config_v2() == expected_gpu_config()
+    assert serve_config_v2() == gpu_config.gpu_config()
+    # Byte for byte what `python config/gpu_config.py` writes: rerun it after
+    # changing serve_config.yaml.
+    assert (CONFIG / "rayservice.yaml").read_text() == gpu_config.rayservice_text(
+        gpu_config.gpu_config()
+    )
 
 
 def test_gpu_serve_config_file_is_the_rayservice_one() -> None:
     assert load(CONFIG / "serve_config.gpu.yaml") == serve_config_v2()
+
+
+def test_overrides_touch_only_what_a_gpu_cluster_changes() -> None:
+    base = load(ROOT / "serve_config.yaml")["applications"][0]
+    gpu = serve_config_v2()["applications"][0]
+    changed = {k for k in base["args"] if base["args"][k] != gpu["args"][k]}
+    assert changed == {"device", "num_cpus"}
+    assert base["deployments"] != gpu["deployments"]
+    assert [d["name"] for d in base["deployments"]] == [d["name"] for d in gpu["deployments"]]
 
 
 @pytest.mark.parametrize(
