@@ -181,11 +181,12 @@ def test_dockerfile_copies_paths_that_exist_and_bakes_the_models() -> None:
     assert "REMBG_HOME=" in env
     runs = " ".join(args for i, args in steps if i == "RUN")
     assert "pip install ." in runs
-    assert "fetch_model" in runs
-    # The models are fetched at build time, once the package is installed.
+    assert "rembg-serve fetch --config serve_config.yaml" in runs
+    # The models are fetched at build time, once the package and config are in.
     install = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "pip install ." in a)
-    fetch = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "fetch_model" in a)
-    assert install < fetch
+    config = next(n for n, (i, a) in enumerate(steps) if i == "COPY" and "serve_config" in a)
+    fetch = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "fetch" in a)
+    assert install < fetch and config < fetch
     exposed = {int(p) for i, args in steps if i == "EXPOSE" for p in args.split()}
     assert load(ROOT / "serve_config.yaml")["http_options"]["port"] in exposed
 
