@@ -35,8 +35,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,7 @@ async def _closed_loop(url: str, images: dict[str, bytes], total: int, phase: Ph
     items = list(images.items())
     counter = iter(range(total))
     limits = httpx.Limits(max_connections=phase.concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
 
         async def one_client() -> None:
             for i in counter:
@@ -299,29 +300,24 @@ async def _closed_loop(url: str, images: dict[str, bytes], total: int, phase: Ph
         phase.duration_s = time.perf_counter() - started
 
 
-def load_phases(
+def load_phase(
     url: str,
     images: dict[str, bytes],
-    requests: int,
-    between: Callable[[], Json] | None = None,
-    waves: int = 2,
-) -> dict[str, Json]:
-    """Closed loops at each concurrency, at least ``waves`` requests per client.
-
-    ``between`` reads server state (batch sizes formed) before and after each.
-    """
-    phases: dict[str, Json] = {}
-    for c in CONCURRENCY:
-        before = between() if between else None
-        phase = Phase(c)
-        asyncio.run(_closed_loop(url, images, max(requests, waves * c), phase))
-        phases[f"c{c}"] = phase.summary()
-        if between and before is not None:
-            after = between()
-            phases[f"c{c}"]["batch_sizes_formed"] = {
-                k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)
-            }
-    return phases
+    total: int,
+    concurrency: int,
+    counts: Callable[[], Json] | None = None,
+) -> Json:
+    """A closed loop of ``total`` requests; ``counts`` reads the batch sizes formed."""
+    before = counts() if counts else None
+    phase = Phase(concurrency)
+    asyncio.run(_closed_loop(url, images, total, phase))
+    summary = phase.summary()
+    if counts and before is not None:
+        after = counts()
+        summary["batch_sizes_formed"] = {
+            k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)
+        }
+    return summary
 
 
 # --- process memory -----------------------------------------------------------------
@@ -509,64 +505,33 @@ def batch_counts(url: str) -> Json:
     return dict(counts)
 
 
-def bench_service(
-    tmp: Path, images: dict[str, bytes], large: dict[str, Path], requests: int, waves: int
-) -> tuple[Json, dict[str, bytes]]:
+def start_service(tmp: Path) -> Running:
     config, _ = service_config(tmp, free_port())
     port = yaml.safe_load(config.read_text())["http_options"]["port"]
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
-    serve = str(Path(sys.executable).parent / "serve")
+    argv = [str(Path(sys.executable).parent / "serve"), "run", str(config)]
+    url = f"http://127.0.0.1:{port}"
     try:
-        running = start_process(
-            [serve, "run", str(config)],
-            env,
-            tmp / "serve.log",
-            f"http://127.0.0.1:{port}",
-            "/healthz",
-            300,
-        )
+        return start_process(argv, env, tmp / "serve.log", url, "/healthz", 300)
     except RuntimeError as exc:
         # A local Ray's start can time out on an overloaded machine: try once more.
         print(f"service start failed, retrying: {str(exc)[-300:]}", file=sys.stderr)
-        running = start_process(
-            [serve, "run", str(config)],
-            env,
-            tmp / "serve-retry.log",
-            f"http://127.0.0.1:{port}",
-            "/healthz",
-            300,
-        )
-    try:
-        outputs: dict[str, bytes] = {}
-        with httpx.Client(base_url=running.url, timeout=120) as client:
-            first_name, first_data = next(iter(images.items()))
-            started = time.perf_counter()
-            first = post_image(client, first_name, first_data)
-            first_s = time.perf_counter() - started
-            for name, data in images.items():
-                response = post_image(client, name, data)
-                outputs[name] = response.content if response.status_code == 200 else b""
-        phases = load_phases(
-            running.url, images, requests, lambda: batch_counts(running.url), waves
-        )
-        pids = replica_pids(running.process.pid)
-        result: Json = {
-            "ready_s": round(running.ready_s, 1),
-            "first_request": {
-                "image": first_name,
-                "status": first.status_code,
-                "latency_ms": round(first_s * 1000, 1),
-            },
-            "phases": phases,
-            "replicas": {str(pid): title for pid, title in pids.items()},
-            "large": large_uploads(running.url, large, list(pids)),
-        }
-        return result, outputs
-    finally:
-        stop_process(running.process)
+        return start_process(argv, env, tmp / "serve-retry.log", url, "/healthz", 300)
 
 
-# --- 4. the peer ------------------------------------------------------------------------
+def first_request(url: str, images: dict[str, bytes]) -> tuple[Json, dict[str, bytes]]:
+    """The first request after ready, then one output per image (for parity)."""
+    outputs: dict[str, bytes] = {}
+    with httpx.Client(base_url=url, timeout=300) as client:
+        name, data = next(iter(images.items()))
+        started = time.perf_counter()
+        first = post_image(client, name, data)
+        elapsed = time.perf_counter() - started
+        for each, body in images.items():
+            response = post_image(client, each, body)
+            outputs[each] = response.content if response.status_code == 200 else b""
+    summary = {"image": name, "status": first.status_code, "latency_ms": round(elapsed * 1000, 1)}
+    return summary, outputs
 
 
 def setup_peer(venv: Path = PEER_VENV) -> Path:
@@ -574,6 +539,9 @@ def setup_peer(venv: Path = PEER_VENV) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS], check=True)
+    # rembg's import JIT-compiles pymatting with numba (minutes on 2 busy cores)
+    # and caches it: pay that here, not in the peer's start-up.
+    subprocess.run([str(python), "-c", "import rembg.bg"], check=True)
     return python
 
 
@@ -585,15 +553,7 @@ def rembg_home(tmp: Path) -> Path:
     return home
 
 
-def bench_peer(
-    python: Path,
-    home: Path,
-    tmp: Path,
-    images: dict[str, bytes],
-    large: dict[str, Path],
-    requests: int,
-    waves: int,
-) -> Json:
+def start_peer(python: Path, home: Path, tmp: Path) -> Running:
     port = free_port()
     # rembg.cli has no __main__ guard; BROWSER=true stops its startup hook from
     # opening anything.
@@ -610,33 +570,54 @@ def bench_peer(
         "-l",
         "warning",
     ]
-    env = {
-        **os.environ,
-        "REMBG_HOME": str(home),
-        "U2NET_HOME": str(home / "models"),
-        "BROWSER": "true",
-    }
-    running = start_process(argv, env, tmp / "peer.log", f"http://127.0.0.1:{port}", "/api", 900)
-    try:
-        with httpx.Client(base_url=running.url, timeout=120) as client:
-            # rembg builds its session on the first request: measured, then excluded.
-            name, data = next(iter(images.items()))
-            started = time.perf_counter()
-            first = post_image(client, name, data)
-            first_s = time.perf_counter() - started
-        watch = [running.process.pid]
-        return {
-            "ready_s": round(running.ready_s, 1),
-            "first_request": {
-                "image": name,
-                "status": first.status_code,
-                "latency_ms": round(first_s * 1000, 1),
-            },
-            "phases": load_phases(running.url, images, requests, None, waves),
-            "large": large_uploads(running.url, large, watch),
-        }
-    finally:
-        stop_process(running.process)
+    # U2NET_HOME, when set, would win over REMBG_HOME and send rembg downloading.
+    env = {k: v for k, v in os.environ.items() if k != "U2NET_HOME"}
+    env.update(REMBG_HOME=str(home), BROWSER="true")
+    return start_process(argv, env, tmp / "peer.log", f"http://127.0.0.1:{port}", "/api", 900)
+
+
+def drive(
+    servers: dict[str, Running],
+    images: dict[str, bytes],
+    large: dict[str, Path],
+    requests: int,
+    waves: int,
+    local: Callable[[], None],
+) -> dict[str, Json]:
+    """Both servers up at once, driven in turn: service c1, peer c1, service c16...
+
+    The machine's load drifts (other work shares it); alternating the phases
+    keeps each pair of figures minutes apart at most. ``local`` (the in-process
+    figures) runs while both idle, right after the first requests.
+    """
+    results: dict[str, Json] = {}
+    outputs: dict[str, bytes] = {}
+    for who, running in servers.items():
+        # rembg builds its session on its first request; the service is warm
+        # before ready: that first request is one of the targets.
+        first, got = first_request(running.url, images)
+        results[who] = {"ready_s": round(running.ready_s, 1), "first_request": first, "phases": {}}
+        if who == "service":
+            outputs = got
+    local()
+    for c in CONCURRENCY:
+        for who, running in servers.items():
+            print(f"driving {who} at concurrency {c} ...", flush=True)
+            counts = partial(batch_counts, running.url) if who == "service" else None
+            results[who]["phases"][f"c{c}"] = load_phase(
+                running.url, images, max(requests, waves * c), c, counts
+            )
+    for who, running in servers.items():
+        pids = (
+            replica_pids(running.process.pid)
+            if who == "service"
+            else {running.process.pid: "rembg s"}
+        )
+        results[who]["processes"] = {str(pid): title for pid, title in pids.items()}
+        results[who]["large"] = large_uploads(running.url, large, list(pids))
+    if "service" in results:
+        results["service"]["outputs"] = outputs
+    return results
 
 
 # --- parity -------------------------------------------------------------------------------
@@ -828,38 +809,51 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         _, batch = service_config(tmp, 0)
         results["config"] = batch
-        model = load_model(8)
-        print("measuring the model limit ...", flush=True)
-        results["model_limit"] = model_limit(model, list(images.values()), seconds)
-        print("measuring the in-process pipeline ...", flush=True)
-        results["pipeline"] = pipeline(
-            model,
-            images,
-            requests if args.quick else max(requests, 64),
-            1 if args.quick else 5,
-            batch,
-            int(batch["png_compress_level"]),
-            int(batch["ingress_threads"]),
-        )
-        del model
+
+        def measure_local() -> None:
+            model = load_model(8)
+            print("measuring the model limit ...", flush=True)
+            results["model_limit"] = model_limit(model, list(images.values()), seconds)
+            print("measuring the in-process pipeline ...", flush=True)
+            results["pipeline"] = pipeline(
+                model,
+                images,
+                requests if args.quick else max(requests, 32),
+                1 if args.quick else 3,
+                batch,
+                int(batch["png_compress_level"]),
+                int(batch["ingress_threads"]),
+            )
+
         large = large_images(
             tmp, images["car-1.jpg"] if "car-1.jpg" in images else next(iter(images.values()))
         )
         home = rembg_home(tmp)
-        if not args.skip_service:
-            print("measuring the service ...", flush=True)
-            service, outputs = bench_service(tmp, images, large, requests, waves)
-            service["parity"] = parity(outputs, images, home)
-            results["service"] = service
+        python = args.peer_python
         if not args.skip_peer:
-            python = args.peer_python
             if args.setup_peer:
                 python = setup_peer()
             if not python.exists():
                 print(f"no peer python at {python}: run with --setup-peer", file=sys.stderr)
                 return 2
-            print("measuring the peer (rembg s) ...", flush=True)
-            results["peer"] = bench_peer(python, home, tmp, images, large, requests, waves)
+        servers: dict[str, Running] = {}
+        with ExitStack() as stack:
+            # The peer first: the service's first request must follow its ready.
+            if not args.skip_peer:
+                print("starting the peer (rembg s) ...", flush=True)
+                servers["peer"] = start_peer(python, home, tmp)
+                stack.callback(stop_process, servers["peer"].process)
+            if not args.skip_service:
+                print("starting the service ...", flush=True)
+                servers = {"service": start_service(tmp), **servers}
+                stack.callback(stop_process, servers["service"].process)
+            if servers:
+                results.update(drive(servers, images, large, requests, waves, measure_local))
+            else:
+                measure_local()
+        if "service" in results:
+            outputs = results["service"].pop("outputs")
+            results["service"]["parity"] = parity(outputs, images, home)
     results["targets"] = targets(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

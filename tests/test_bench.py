@@ -1,4 +1,5 @@
-"""The benchmark runs end to end in quick mode and reports every section.
+"""The benchmark runs end to end in quick mode and reports every section; the
+optimisations it led to keep rembg's pixels.
 
 Speed targets are not asserted here: the benchmark reports them (PASS/FAIL) and a
 shared, noisy 2-core machine would make any such assertion flaky.
@@ -6,21 +7,58 @@ shared, noisy 2-core machine would make any such assertion flaky.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
+from rembg.bg import naive_cutout as rembg_naive_cutout
 
-from deployments import bench
+from deployments import bench, encode
+from deployments.compose import naive_cutout
 
-pytestmark = pytest.mark.bench
+REQUEST_TIMEOUT_S = float(
+    yaml.safe_load((bench.ROOT / "serve_config.yaml").read_text())["http_options"][
+        "request_timeout_s"
+    ]
+)
 
 
 def positive(value: Any) -> bool:
     return isinstance(value, int | float) and value > 0
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 5), (301, 211)])
+@pytest.mark.parametrize("stripe_bytes", [1, 1000, 4 << 20])
+def test_fast_png_keeps_every_pixel(
+    mode: str, size: tuple[int, int], stripe_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any stripe height (one row, a few, the whole image) decodes to the input."""
+    monkeypatch.setattr(encode, "_STRIPE_BYTES", stripe_bytes)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], len(mode))
+    pixels = np.random.default_rng(sum(size)).integers(0, 256, shape, dtype=np.uint8)
+    body = encode.encode(Image.fromarray(pixels, mode), "png", 1)
+    decoded = Image.open(io.BytesIO(body))
+    assert decoded.format == "PNG" and decoded.mode == mode
+    assert np.array_equal(np.asarray(decoded), pixels)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_naive_cutout_equals_rembgs(mode: str) -> None:
+    rng = np.random.default_rng(7)
+    img = Image.fromarray(rng.integers(0, 256, (53, 71, len(mode)), dtype=np.uint8), mode)
+    mask = Image.fromarray(rng.integers(0, 256, (53, 71), dtype=np.uint8), "L")
+    ours, theirs = naive_cutout(img, mask), rembg_naive_cutout(img, mask)
+    assert ours.mode == theirs.mode == "RGBA"
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+@pytest.mark.bench
 def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--skip-peer", "--out", str(out)]) == 0
@@ -42,7 +80,14 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     assert positive(service["first_request"]["latency_ms"])
     assert set(service["phases"]) == {"c1", "c16", "c64"}
     for name, phase in service["phases"].items():
-        assert phase["statuses"] == {"200": phase["requests"]}, name
+        drain_s = phase["requests"] / phase["images_per_s"]
+        if drain_s < 0.8 * REQUEST_TIMEOUT_S:
+            assert phase["statuses"] == {"200": phase["requests"]}, name
+        else:
+            # The machine is so loaded that the last of these requests waited
+            # past serve_config's request_timeout_s: 408 is then the right
+            # answer. Admission (503) or server errors never are.
+            assert set(phase["statuses"]) <= {"200", "408"}, (name, phase["statuses"])
         assert positive(phase["images_per_s"]), name
         lat = phase["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], name
@@ -50,7 +95,7 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
         # replicas, /models answers from one of them).
         formed = phase["batch_sizes_formed"]
         assert 0 < sum(int(k) * v for k, v in formed.items()) <= phase["requests"], name
-    assert service["replicas"], "no Serve replica process found"
+    assert any("ServeReplica" in t for t in service["processes"].values())
     for name in ("12mp", "24mp"):
         big = service["large"][name]
         assert big["status"] == 200 and positive(big["response_bytes"]), name
