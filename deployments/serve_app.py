@@ -344,10 +344,7 @@ class Ingress:
         started = time.perf_counter()
         prepared = await self._in_pool(prepare, data, self.specs[name], self.settings.limits)
         inferred = time.perf_counter()
-        try:
-            mask = await handle.predict.remote(prepared.model_input)
-        except Exception as exc:
-            raise _service_error_from(exc) from exc
+        mask = await self._predict(handle, prepared.model_input)
         composed = time.perf_counter()
         finished = await self._in_pool(
             finish, prepared.image, mask, options, self.settings.png_compress_level
@@ -371,6 +368,22 @@ class Ingress:
             },
         )
         return finished
+
+    async def _predict(
+        self, handle: DeploymentHandle, image: npt.NDArray[np.uint8]
+    ) -> npt.NDArray[np.uint8]:
+        for attempt in (1, 2):
+            try:
+                mask: npt.NDArray[np.uint8] = await handle.predict.remote(image)
+                return mask
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                # The replica died under this call. Inference is idempotent: send it once
+                # more, and the router picks a live replica or waits for the new one.
+                if attempt == 2:
+                    raise _service_error_from(exc) from exc
+            except Exception as exc:
+                raise _service_error_from(exc) from exc
+        raise AssertionError("unreachable")
 
     def _image_response(self, result: tuple[Finished, str], options: RemoveOptions) -> Response:
         finished, name = result
