@@ -143,6 +143,11 @@ class ModelServer:
         self.last_ok = 0.0
         self.batch_sizes: Counter[int] = Counter()
         self.metrics = ModelMetrics()
+        # Set while no batch runs. Requests that arrive during a batch wait here and
+        # enter @serve.batch together when it ends, so that the next batch forms when
+        # the model is free instead of on the batch timer while it is busy.
+        self.model_free = asyncio.Event()
+        self.model_free.set()
         # Shape 1 here; reconfigure() warms every shape up to user_config's
         # max_batch_size, and Serve calls it before the replica reports ready.
         self.model, self.path = self._load(config.path, 1)
@@ -210,6 +215,7 @@ class ModelServer:
         started = time.monotonic()
         images = [image for image, _ in items]
         self.batch_sizes[len(images)] += 1
+        self.model_free.clear()
         try:
             masks = await asyncio.to_thread(self.model.predict, images)
         except ServiceError as exc:
@@ -217,6 +223,8 @@ class ModelServer:
                 return [exc]
             # Isolate the image that broke the batch: its batchmates still succeed.
             return [await self._predict_one(image) for image in images]
+        finally:
+            self.model_free.set()
         self.last_ok = time.monotonic()
         self.metrics.batch(
             self.name, len(images), [started - t for _, t in items], self.last_ok - started
@@ -241,7 +249,9 @@ class ModelServer:
 
     async def predict(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """One model-size uint8 (H, W, 3) image -> its uint8 (H, W) mask."""
-        result = await self._predict_batch((image, time.monotonic()))
+        arrived = time.monotonic()
+        await self.model_free.wait()
+        result = await self._predict_batch((image, arrived))
         if isinstance(result, ServiceError):
             raise result
         mask: npt.NDArray[np.uint8] = result

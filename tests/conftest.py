@@ -10,11 +10,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from deployments.bench import start_process, stop_process
 from deployments.infer import OnnxModel, RuntimeConfig
 from deployments.models import EMBEDDED, resolve_model_file, spec_for
 
@@ -135,44 +134,17 @@ def write_config(tmp: Path, port: int, edit: dict[str, object] | None = None) ->
 
 
 def start_service(config: Path, log: Path, timeout_s: float = 180) -> Service:
+    """`serve run CONFIG` in its own process group and its own local Ray; ready on /healthz."""
     port = yaml.safe_load(config.read_text())["http_options"]["port"]
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
-    started = time.monotonic()
-    handle = log.open("wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "serve"), "run", str(config)],
-        cwd=ROOT,
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = started + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"serve run exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return Service(url, process, log, time.monotonic() - started)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_service(process)
-    raise RuntimeError(f"service not ready in {timeout_s}s:\n{log.read_text()[-3000:]}")
+    argv = [str(Path(sys.executable).parent / "serve"), "run", str(config)]
+    running = start_process(argv, env, log, f"http://127.0.0.1:{port}", "/healthz", timeout_s)
+    return Service(running.url, running.process, log, running.ready_s)
 
 
 def stop_service(process: subprocess.Popen[bytes]) -> None:
     """SIGINT lets `serve run` shut Serve and its local Ray down; then make sure."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_process(process)
 
 
 @pytest.fixture(scope="session")
