@@ -137,7 +137,6 @@ class ModelServer:
         self.name = config.name
         self.spec = spec_for(config.name)
         self.num_gpus = num_gpus
-        self.default_path = config.path
         self.config = config
         self.batch = BatchSettings()
         self.last_ok = 0.0
@@ -184,7 +183,7 @@ class ModelServer:
             # Load and warm the new session while the old one keeps serving, then
             # swap: batches already running finish on the old session.
             model, path = await asyncio.to_thread(
-                self._load, batch.model_path or self.default_path, batch.max_batch_size
+                self._load, batch.model_path or self.config.path, batch.max_batch_size
             )
             self.model, self.path = model, path
             logger.info(
