@@ -12,9 +12,8 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -297,7 +296,6 @@ class Ingress:
         threads = self.settings.ingress_threads or os.cpu_count() or 2
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ingress")
         self.metrics = IngressMetrics()
-        self.in_flight = 0
         self.api_key = self.settings.api_key or (
             os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
         )
@@ -322,16 +320,6 @@ class Ingress:
             given = bearer[7:].strip()
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise Unauthorized("a valid API key is required (X-API-Key header)")
-
-    @contextmanager
-    def _admitted(self) -> Iterator[None]:
-        if self.in_flight >= self.settings.max_in_flight:
-            raise Overloaded("the service is at capacity; retry shortly")
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
 
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
@@ -414,10 +402,9 @@ class Ingress:
     )
     async def api_remove(self, request: Request) -> Response:
         self._authorize(request)
-        with self._admitted():
-            upload = await read_multipart(request, self.settings.limits.max_upload_bytes)
-            options = rembg_options(upload.fields, dict(request.query_params))
-            return self._image_response(await self._remove(upload.data, options), options)
+        upload = await read_multipart(request, self.settings.limits.max_upload_bytes)
+        options = rembg_options(upload.fields, dict(request.query_params))
+        return self._image_response(await self._remove(upload.data, options), options)
 
     @api.post(
         "/remove",
@@ -427,14 +414,13 @@ class Ingress:
     )
     async def remove(self, request: Request) -> Response:
         self._authorize(request)
-        with self._admitted():
-            options = query_options(dict(request.query_params))
-            limit = self.settings.limits.max_upload_bytes
-            if request.headers.get("content-type", "").lower().startswith("multipart/"):
-                data = (await read_multipart(request, limit)).data
-            else:
-                data = await read_body(request, limit)
-            return self._image_response(await self._remove(data, options), options)
+        options = query_options(dict(request.query_params))
+        limit = self.settings.limits.max_upload_bytes
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            data = (await read_multipart(request, limit)).data
+        else:
+            data = await read_body(request, limit)
+        return self._image_response(await self._remove(data, options), options)
 
     async def _model_infos(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any] | None]:
         async def one(handle: DeploymentHandle) -> dict[str, Any] | None:

@@ -66,9 +66,6 @@ class AppSettings(_Strict):
     ingress_threads: int | None = Field(default=None, gt=0)
     limits: Limits = Field(default_factory=Limits)
     png_compress_level: int = Field(default=1, ge=0, le=9)
-    # Requests an ingress replica works on at once; the next get 503 + Retry-After
-    # at once instead of queueing without bound.
-    max_in_flight: int = Field(default=48, gt=0)
     # Optional API key: when set, /remove and /api/remove need it in `X-API-Key`
     # or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an
     # environment variable of the replicas, to a key written in the config.

@@ -22,8 +22,11 @@ from conftest import SHARED_IMAGES, Service, free_port, start_service, stop_serv
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-MAX_IN_FLIGHT = 4
-CLIENTS = 10 * MAX_IN_FLIGHT
+# The ingress works on ADMITTED requests at once and Serve's proxy queues QUEUED
+# more (serve_config.yaml's max_ongoing_requests and max_queued_requests).
+ADMITTED = 4
+QUEUED = 4
+CLIENTS = 10 * (ADMITTED + QUEUED)
 BODIES = [p.read_bytes() for p in SHARED_IMAGES]
 
 
@@ -80,7 +83,7 @@ def hammer(
     url: str,
     clients: int,
     seconds: float,
-    pause_after_503_s: float = 0.2,
+    pause_after_503_s: float = 0.5,
     bodies: Sequence[bytes] = BODIES,
     timeout_s: float = 60,
 ) -> list[Outcome]:
@@ -116,17 +119,19 @@ def p95(values: Sequence[float]) -> float:
     return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
 
 
-def service_config(tmp: Path, edit: dict[str, object]) -> Path:
-    """serve_config.yaml with a free port, app-arg edits and one replica each.
+def service_config(tmp: Path, ingress: dict[str, int] | None = None) -> Path:
+    """serve_config.yaml with a free port, one replica each and Ingress edits.
 
     Fixed replica counts keep the capacity the test reasons about fixed: the
     autoscaler would otherwise add an ingress replica (and admission slots).
     """
-    path = write_config(tmp, free_port(), edit)
+    path = write_config(tmp, free_port())
     config = yaml.safe_load(path.read_text())
     for deployment in config["applications"][0]["deployments"]:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
+        if deployment["name"] == "Ingress":
+            deployment.update(ingress or {})
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -134,9 +139,8 @@ def service_config(tmp: Path, edit: dict[str, object]) -> Path:
 @pytest.fixture(scope="module")
 def small_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("overload")
-    running = start_service(
-        service_config(tmp, {"max_in_flight": MAX_IN_FLIGHT}), tmp / "serve.log"
-    )
+    queue = {"max_ongoing_requests": ADMITTED, "max_queued_requests": QUEUED}
+    running = start_service(service_config(tmp, queue), tmp / "serve.log")
     try:
         yield running
     finally:
@@ -147,10 +151,10 @@ def test_excess_gets_quick_503_and_admitted_keep_throughput(small_service: Servi
     url = small_service.url
     sid = small_service.process.pid
     # Warm-up, then the unloaded run: exactly as many clients as are admitted.
-    hammer(url, MAX_IN_FLIGHT, 5)
+    hammer(url, ADMITTED, 5)
     rss_before = replica_rss(sid)
     unloaded_s = 25.0
-    unloaded = hammer(url, MAX_IN_FLIGHT, unloaded_s)
+    unloaded = hammer(url, ADMITTED, unloaded_s)
     assert {o.status for o in unloaded} == {200}, {o.status for o in unloaded}
     unloaded_rate = len(unloaded) / unloaded_s
 
@@ -178,7 +182,7 @@ def test_excess_gets_quick_503_and_admitted_keep_throughput(small_service: Servi
     time_to_503 = p95([o.seconds for o in refused]) if refused else float("nan")
     latency_200 = statistics.median(o.seconds for o in ok)
     print(
-        f"\noverload: {CLIENTS} clients, max_in_flight {MAX_IN_FLIGHT}\n"
+        f"\noverload: {CLIENTS} clients, {ADMITTED} admitted + {QUEUED} queued\n"
         f"  unloaded: {unloaded_rate:.2f} images/s ({len(unloaded)} in {unloaded_s:.0f}s)\n"
         f"  loaded:   {loaded_rate:.2f} images/s of 200s ({len(ok)}), {len(refused)} x 503, "
         f"{len(broken)} other\n"

@@ -32,7 +32,7 @@ MAX_GROWTH = 0.05
 @pytest.fixture(scope="module")
 def soak_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("soak")
-    running = start_service(service_config(tmp, {}), tmp / "serve.log")
+    running = start_service(service_config(tmp), tmp / "serve.log")
     try:
         yield running
     finally:
