@@ -25,7 +25,7 @@ GPU_ARGS: dict[str, Any] = {"device": "gpu", "num_cpus": 1}
 GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
     "Ingress": {"ray_actor_options": {"num_cpus": 1}},
     "Model_u2netp": {
-        "user_config": {"max_batch_size": 16},
+        "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
         "max_ongoing_requests": 32,
         "autoscaling_config": {"target_ongoing_requests": 16},
     },

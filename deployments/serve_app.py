@@ -46,7 +46,7 @@ from deployments.http import query_options, read_body, read_multipart, rembg_opt
 from deployments.infer import OnnxModel
 from deployments.metrics import IngressMetrics, ModelMetrics
 from deployments.models import resolve_model_file, spec_for
-from deployments.pipeline import Finished, finish, prepare
+from deployments.pipeline import Finished, finish, prepare, sample_jpeg
 from deployments.settings import AppSettings, BatchSettings, ModelConfig
 
 logger = logging.getLogger("ray.serve")
@@ -289,7 +289,10 @@ class ModelServer:
 class Ingress:
     """HTTP: parse, validate, decode and compose here; the mask comes from a model."""
 
-    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    # Ray actors (so Serve replicas) may have an async __init__; type checkers object.
+    async def __init__(  # type: ignore[misc]
+        self, settings: dict[str, Any], models: dict[str, DeploymentHandle]
+    ) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.models = models
         self.specs = {name: spec_for(name) for name in models}
@@ -310,6 +313,33 @@ class Ingress:
                 allow_headers=["*"],
                 expose_headers=["X-Width", "X-Height", "X-Model"],
             )
+
+        await self._warm_up()
+
+    async def _warm_up(self, timeout_s: float = 300) -> None:
+        """One image through each model's whole path before this replica takes traffic.
+
+        The model replicas warm their sessions themselves; this sets up what a
+        first request would otherwise pay for here: the pool's threads, Pillow's
+        codecs, each handle's router and its connection to the model replicas.
+        Best effort: a model that cannot answer fails its own replica's start.
+        """
+        data = sample_jpeg()
+        for name, handle in self.models.items():
+            started = time.perf_counter()
+            try:
+                limits = self.settings.limits
+                prepared = await self._in_pool(prepare, data, self.specs[name], limits)
+                mask = await asyncio.wait_for(
+                    self._predict(handle, prepared.model_input), timeout_s
+                )
+                await self._in_pool(
+                    finish, prepared.image, mask, RemoveOptions(), self.settings.png_compress_level
+                )
+            except Exception as exc:
+                logger.warning("ingress warm-up through %s failed: %r", name, exc)
+            else:
+                logger.info("ingress warm through %s in %.2fs", name, time.perf_counter() - started)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
