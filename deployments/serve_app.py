@@ -324,11 +324,13 @@ class Ingress:
         codecs, each handle's router and its connection to the model replicas.
         Best effort: a model that cannot answer fails its own replica's start.
         """
-        data = sample_jpeg()
+        limits = self.settings.limits
+        # 2048x1536, or smaller where the configured limits would refuse that.
+        scale = min(1.0, (limits.max_pixels / (2048 * 1536)) ** 0.5, limits.max_side / 2048)
+        data = sample_jpeg(max(1, int(2048 * scale)), max(1, int(1536 * scale)))
         for name, handle in self.models.items():
             started = time.perf_counter()
             try:
-                limits = self.settings.limits
                 prepared = await self._in_pool(prepare, data, self.specs[name], limits)
                 mask = await asyncio.wait_for(
                     self._predict(handle, prepared.model_input), timeout_s

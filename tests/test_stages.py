@@ -15,7 +15,7 @@ from deployments.encode import encode
 from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.infer import OnnxModel, masks_from_output, plan_chunks
 from deployments.models import spec_for
-from deployments.pipeline import remove
+from deployments.pipeline import remove, sample_jpeg
 from deployments.preprocess import model_input, normalize_batch
 from deployments.settings import Limits
 
@@ -165,3 +165,11 @@ def test_encode(fmt: str, magic: bytes) -> None:
     body = encode(gradient(mode="RGBA"), fmt)  # type: ignore[arg-type]
     assert body.startswith(magic)
     assert Image.open(io.BytesIO(body)).size == (64, 48)
+
+
+def test_warm_up_image_is_a_photo_sized_jpeg_the_decoder_takes() -> None:
+    # The ingress warms its whole path with it before it reports ready.
+    image = decode(sample_jpeg(), Limits())
+    assert image.size == (2048, 1536) and image.mode == "RGB"
+    assert np.asarray(image).std() > 20  # structure, not a flat colour
+    assert decode(sample_jpeg(30, 22), Limits(max_pixels=1000, max_side=30)).size == (30, 22)
