@@ -2,8 +2,8 @@
 
 RSS of the Serve replicas is measured after a warm-up (allocator pools, ONNX
 Runtime arenas and thread pools fill during the first requests) and again at the
-end; growth beyond 5% would be a leak. Takes ~20 minutes on a 2-core machine
-(2100 requests at ~1.8 images/s), much longer when the machine is shared.
+end; growth beyond 5% would be a leak. Takes ~7 minutes on a 2-core machine
+(2100 requests at ~5 images/s), longer when the machine is shared.
 """
 
 from __future__ import annotations
