@@ -36,12 +36,15 @@ class Finished:
     height: int
 
 
-def sample_jpeg(width: int = 2048, height: int = 1536) -> bytes:
+def sample_jpeg(limits: Limits) -> bytes:
     """A photo-sized JPEG with structure, to warm the whole request path with.
 
     Photo-sized, not tiny: the first multi-megabyte buffers also cost page faults
     (the allocator then keeps the memory), ~20 ms that a first user would pay.
+    2048x1536, or smaller where ``limits`` would refuse that.
     """
+    scale = min(1.0, (limits.max_pixels / (2048 * 1536)) ** 0.5, limits.max_side / 2048)
+    width, height = max(1, int(2048 * scale)), max(1, int(1536 * scale))
     y, x = np.mgrid[0:height, 0:width]
     rgb = np.stack([x * 255 // width, y * 255 // height, (x ^ y) & 255], axis=-1)
     out = io.BytesIO()

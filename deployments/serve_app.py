@@ -325,9 +325,7 @@ class Ingress:
         Best effort: a model that cannot answer fails its own replica's start.
         """
         limits = self.settings.limits
-        # 2048x1536, or smaller where the configured limits would refuse that.
-        scale = min(1.0, (limits.max_pixels / (2048 * 1536)) ** 0.5, limits.max_side / 2048)
-        data = sample_jpeg(max(1, int(2048 * scale)), max(1, int(1536 * scale)))
+        data = sample_jpeg(limits)
         for name, handle in self.models.items():
             started = time.perf_counter()
             try:
