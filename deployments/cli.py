@@ -16,10 +16,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import httpx
 
 from deployments.client import DEFAULT_URL, ApiError, AsyncClient, Client, Options, Retry
+from deployments.options import OptionsError, parse
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 API_KEY_ENV = "REMBG_SERVE_API_KEY"
@@ -111,25 +113,49 @@ async def remove_all(
     return len(todo) - len(failures), skipped, failures
 
 
-def _options(args: argparse.Namespace) -> Options:
-    return Options(
-        model=args.model,
-        only_mask=args.only_mask,
-        bgcolor=args.bgcolor,
-        alpha_matting=args.alpha_matting,
-        alpha_matting_foreground_threshold=args.foreground_threshold,
-        alpha_matting_background_threshold=args.background_threshold,
-        alpha_matting_erode_size=args.erode_size,
-        post_process_mask=args.post_process_mask,
-        decontaminate=args.decontaminate,
-        format=args.format,
+# Shorter or older spellings of some option flags, kept working.
+_FLAG_ALIASES = {
+    "model": ["-m"],
+    "alpha_matting": ["-a"],
+    "alpha_matting_foreground_threshold": ["--foreground-threshold"],
+    "alpha_matting_background_threshold": ["--background-threshold"],
+    "alpha_matting_erode_size": ["--erode-size"],
+}
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of ``POST /remove``'s query (``--only-mask``, ...)."""
+    group = parser.add_argument_group("options (as POST /remove's query)")
+    for name, info in Options.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}", *_FLAG_ALIASES.get(name, [])]
+        kind = info.annotation
+        default = info.get_default()
+        help_text = (
+            info.description if default in (None, False) else f"{info.description} ({default})"
+        )
+        if kind is bool:
+            group.add_argument(*flags, dest=name, action="store_true", default=None, help=help_text)
+        elif get_origin(kind) is Literal:
+            group.add_argument(*flags, dest=name, choices=get_args(kind), help=help_text)
+        elif kind is int:
+            group.add_argument(*flags, dest=name, type=int, metavar="N", help=help_text)
+        else:
+            group.add_argument(*flags, dest=name, metavar="VALUE", help=help_text)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """The flags given, validated as the service validates its query."""
+    given = {n: getattr(args, n) for n in Options.model_fields if getattr(args, n) is not None}
+    return parse(
+        Options, {n: str(v).lower() if isinstance(v, bool) else str(v) for n, v in given.items()}
     )
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     try:
-        jobs = plan(args.inputs, args.output, "." + args.format)
-    except FileNotFoundError as exc:
+        options = options_from(args)
+        jobs = plan(args.inputs, args.output, "." + options.format)
+    except (FileNotFoundError, OptionsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -142,7 +168,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
             max_connections=args.concurrency,
         ) as client:
             return await remove_all(
-                jobs, client, _options(args), args.concurrency, progress=not args.quiet
+                jobs, client, options, args.concurrency, progress=not args.quiet
             )
 
     done, skipped, failures = asyncio.run(run())
@@ -218,9 +244,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # Imported here: the benchmark pulls in the pipeline and ONNX Runtime.
-    from deployments import bench
-
-    return int(bench.main(list(args.bench_args)))
+    try:
+        from deployments.bench.__main__ import main as bench
+    except ImportError:
+        # The wheel leaves the benchmark out: it reads the repository's test photos.
+        print("the benchmark runs from a source checkout: pip install -e .", file=sys.stderr)
+        return 2
+    return bench(list(args.bench_args))
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -256,16 +286,7 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("-c", "--concurrency", type=int, default=8)
     remove.add_argument("--retries", type=int, default=5, help="on 503 and network errors")
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    remove.add_argument("-m", "--model", default=None, help="a served model (default: its default)")
-    remove.add_argument("--only-mask", action="store_true")
-    remove.add_argument("--bgcolor", default=None, help="R,G,B,A or #RRGGBBAA")
-    remove.add_argument("-a", "--alpha-matting", action="store_true")
-    remove.add_argument("--foreground-threshold", type=int, default=240)
-    remove.add_argument("--background-threshold", type=int, default=10)
-    remove.add_argument("--erode-size", type=int, default=10)
-    remove.add_argument("--post-process-mask", action="store_true")
-    remove.add_argument("--decontaminate", action="store_true")
-    remove.add_argument("--format", choices=["png", "webp"], default="png")
+    add_option_flags(remove)
     remove.set_defaults(func=cmd_remove)
 
     health = sub.add_parser("health", help="the service's health and models; exit 0 if healthy")

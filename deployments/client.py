@@ -8,7 +8,8 @@ Errors the service answers come back as ``ApiError`` (HTTP status + the stable
 code of its JSON body). A 503 (overloaded, or a replica restarting) and
 timeouts or refused connections are retried with exponential backoff, honouring
 ``Retry-After``; everything else is raised at once. Imports neither Ray nor the
-pipeline, so it is light enough for any caller.
+pipeline (only httpx and the options' pydantic models), so it is light enough
+for any caller.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
+
+from deployments.options import RemoveQuery
+
+# ``POST /remove``'s query options, from the service's own contract.
+Options = RemoveQuery
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -28,34 +34,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # network dropped us. 4xx answers will not change on a retry.
 _RETRY_STATUS = 503
 _RETRY_ERRORS = (httpx.TimeoutException, httpx.ConnectError, httpx.RemoteProtocolError)
-
-
-@dataclass(frozen=True)
-class Options:
-    """``POST /remove``'s query options; defaults are the service's (rembg's)."""
-
-    model: str | None = None
-    only_mask: bool = False
-    # "R,G,B,A" (0-255), "R,G,B" or "#RRGGBB[AA]".
-    bgcolor: str | None = None
-    alpha_matting: bool = False
-    alpha_matting_foreground_threshold: int = 240
-    alpha_matting_background_threshold: int = 10
-    alpha_matting_erode_size: int = 10
-    post_process_mask: bool = False
-    decontaminate: bool = False
-    format: Literal["png", "webp"] = "png"
-
-    def params(self) -> dict[str, str]:
-        """Only what differs from the defaults, so the URL stays short."""
-        default = Options()
-        params: dict[str, str] = {}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if value is None or value == getattr(default, name):
-                continue
-            params[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        return params
 
 
 @dataclass(frozen=True)
@@ -201,14 +179,14 @@ class Client:
                 time.sleep(self.retry.delay(attempt, _retry_after(response)))
             attempt += 1
 
-    def remove(self, image: bytes | Path, options: Options = Options()) -> Result:
+    def remove(self, image: bytes | Path, options: Options | None = None) -> Result:
         """The image (bytes or a file) without its background."""
         return _result(
             self._send(
                 "POST",
                 "/remove",
                 content=_body(image),
-                params=options.params(),
+                params=(options or Options()).query_params(),
                 headers={"Content-Type": "application/octet-stream"},
             )
         )
@@ -266,7 +244,7 @@ class AsyncClient:
                 await asyncio.sleep(self.retry.delay(attempt, _retry_after(response)))
             attempt += 1
 
-    async def remove(self, image: bytes | Path, options: Options = Options()) -> Result:
+    async def remove(self, image: bytes | Path, options: Options | None = None) -> Result:
         """The image (bytes or a file) without its background."""
         # Reading a file is quick next to the round trip; keep it off the loop anyway.
         data = await asyncio.to_thread(_body, image) if isinstance(image, Path) else image
@@ -275,7 +253,7 @@ class AsyncClient:
                 "POST",
                 "/remove",
                 content=data,
-                params=options.params(),
+                params=(options or Options()).query_params(),
                 headers={"Content-Type": "application/octet-stream"},
             )
         )

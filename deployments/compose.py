@@ -1,41 +1,21 @@
 """Compose stage: the model's small mask + the full-size image -> the cut-out.
 
 The cut-out helpers are rembg's own (``rembg.bg``), called in the order that
-``rembg.remove`` calls them, so that the default output matches rembg's.
+``rembg.remove`` calls them, so that the default output matches rembg's. The
+default cut-out needs none of them: rembg (and pymatting, whose numba code
+compiles on first import) is imported only in the branches that use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from rembg.bg import (
-    alpha_matting_cutout,
-    apply_background_color,
-    decontaminate_cutout,
-    post_process,
-)
 
-OutputFormat = Literal["png", "webp"]
-
-
-@dataclass(frozen=True)
-class RemoveOptions:
-    """What a request asks for; defaults are rembg's."""
-
-    model: str | None = None
-    alpha_matting: bool = False
-    foreground_threshold: int = 240
-    background_threshold: int = 10
-    erode_size: int = 10
-    only_mask: bool = False
-    post_process_mask: bool = False
-    decontaminate: bool = False
-    bgcolor: tuple[int, int, int, int] | None = None
-    format: OutputFormat = "png"
+if TYPE_CHECKING:
+    from deployments.options import CutoutOptions
 
 
 def mask_to_size(mask: npt.NDArray[np.uint8], size: tuple[int, int]) -> Image.Image:
@@ -55,29 +35,43 @@ def naive_cutout(img: Image.Image, mask: Image.Image) -> Image.Image:
     return cutout
 
 
-def compose(img: Image.Image, mask: Image.Image, options: RemoveOptions) -> Image.Image:
+def compose(img: Image.Image, mask: Image.Image, options: CutoutOptions) -> Image.Image:
     """Cut ``img`` (RGB or RGBA) out along ``mask`` (L, same size), as rembg.remove."""
     if options.post_process_mask:
+        from rembg.bg import post_process
+
         mask = Image.fromarray(post_process(np.asarray(mask)))
     if options.only_mask:
         return mask
     cutout: Image.Image
     if options.alpha_matting:
+        from rembg.bg import alpha_matting_cutout, decontaminate_cutout
+
         try:
             cutout = alpha_matting_cutout(
                 img,
                 mask,
-                options.foreground_threshold,
-                options.background_threshold,
-                options.erode_size,
+                options.alpha_matting_foreground_threshold,
+                options.alpha_matting_background_threshold,
+                options.alpha_matting_erode_size,
             )
         except ValueError:
             # rembg's own fallback when the trimap leaves nothing to solve.
             cutout = decontaminate_cutout(img, mask)
     elif options.decontaminate:
+        from rembg.bg import decontaminate_cutout
+
         cutout = decontaminate_cutout(img, mask)
     else:
         cutout = naive_cutout(img, mask)
     if options.bgcolor is not None:
         cutout = apply_background_color(cutout, options.bgcolor)
     return cutout
+
+
+def apply_background_color(img: Image.Image, color: tuple[int, int, int, int]) -> Image.Image:
+    """rembg's ``apply_background_color``, written out: the cut-out over a plain colour.
+
+    Two Pillow calls; importing ``rembg.bg`` for them would compile pymatting.
+    """
+    return Image.alpha_composite(Image.new("RGBA", img.size, color), img)

@@ -9,22 +9,47 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deployments.errors import PayloadTooLarge, UnsupportedImage
-from deployments.settings import Limits
 
 # MPO (multi-picture JPEG) opens through the JPEG plugin.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
-# Pillow's own bomb guard stays on as a second line; our limits are tighter.
-Image.MAX_IMAGE_PIXELS = 100_000_000
+# Pillow's own bomb guard stays on as a second line: it warns above this and
+# raises above twice this, at open. ``Limits.max_pixels`` may not exceed it, so
+# an image within our limits never meets Pillow's guard.
+MAX_IMAGE_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 # Register every plugin now: Pillow loads some lazily,
 # and Image.open(formats=...) fails on a name not registered yet.
 Image.init()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an upload may be: bytes on the wire, decoded pixels, longest side."""
+
+    # Unknown keys in serve_config.yaml's `limits:` fail at start (pydantic
+    # reads this; a plain dict keeps this module free of pydantic).
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    max_upload_bytes: int = 25 * 1024 * 1024
+    # 50 megapixels: a 24-megapixel photo fits twice over; a decompression bomb
+    # (Pillow warns above ~100 MP and raises above ~200 MP) does not.
+    max_pixels: int = 50_000_000
+    max_side: int = 20_000
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"{field.name} must be positive")
+        if self.max_pixels > MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_pixels may be at most {MAX_IMAGE_PIXELS}")
 
 
 def decode(data: bytes, limits: Limits) -> Image.Image:
@@ -37,15 +62,13 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
     if not data:
         raise UnsupportedImage("the request body is empty; send an image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            _check_size(img.size, limits)
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            # Inside the try: some modes (LAB from a TIFF, odd 16-bit layouts)
-            # only fail here, and that is still the upload's fault, not ours.
-            return _to_rgb_or_rgba(upright)
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        _check_size(img.size, limits)
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        # Inside the try: some modes (LAB from a TIFF, odd 16-bit layouts)
+        # only fail here, and that is still the upload's fault, not ours.
+        return _to_rgb_or_rgba(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"the image has too many pixels (limit {limits.max_pixels})") from exc
     except UnidentifiedImageError as exc:

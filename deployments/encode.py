@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from deployments.compose import OutputFormat
+from deployments.options import OutputFormat
 
 MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "webp": "image/webp"}
 

@@ -1,8 +1,8 @@
 """The service's error tree: each error carries its HTTP status and a stable code.
 
 They are turned into ``{"error": {"code": ..., "message": ...}}`` responses in one
-place (``serve_app``). Messages are written for the caller: they never hold a
-traceback, a server path or a library version.
+place (``deployments.responses``). Messages are written for the caller: they never
+hold a traceback, a server path or a library version.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the response carries besides the JSON body."""
+        return {}
 
 
 class BadParameter(ServiceError):
@@ -37,6 +42,11 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
@@ -54,6 +64,10 @@ class Overloaded(ServiceError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class ModelUnavailable(ServiceError):

@@ -1,11 +1,10 @@
 """Infer stage: an ONNX Runtime session that runs whole batches.
 
-``OnnxModel`` loads a model file once, makes its batch dimension symbolic when the
-file fixes it to 1, checks that a batch of 2 equals two single runs (falling back
-to one run per image when it does not), warms every batch shape it will use, and
-turns the raw output into rembg's uint8 masks. Two opt-in rewrites for the GPU
-path (``RuntimeConfig.fp16``, ``RuntimeConfig.preprocess_in_graph``) are applied
-to the model's bytes before the session is made; see ``deployments.gpu``.
+``OnnxModel`` loads a model file once (with the graph rewrites of
+``deployments.graph`` that its ``RuntimeConfig`` asks for), checks that a batch of
+2 equals two single runs (falling back to one run per image when it does not),
+warms every batch shape it will use, and turns the raw output into rembg's uint8
+masks. Its runtime (providers, threads, GPU memory) comes from ``deployments.runtime``.
 """
 
 from __future__ import annotations
@@ -22,68 +21,12 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from deployments.errors import InferenceFailed, ModelUnavailable
+from deployments.graph import model_bytes_for
 from deployments.models import ModelSpec
 from deployments.preprocess import normalize_batch
+from deployments.runtime import CUDA, RuntimeConfig, providers_for
 
 logger = logging.getLogger(__name__)
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How a replica runs its session; derived from what Ray assigned it."""
-
-    use_gpu: bool = False
-    device_id: int = 0
-    intra_op_threads: int = 1
-    # Bytes of GPU memory this session's arena may take: its GPU fraction of the card.
-    gpu_mem_limit: int | None = None
-    # EXHAUSTIVE times every cuDNN algorithm once per new input shape and keeps
-    # the fastest; HEURISTIC guesses with no timing, DEFAULT takes the first that
-    # fits. The search costs seconds per shape, but on the GPU every run is
-    # padded to a bucketed shape and __init__ warms each of them, so it is paid
-    # once, before the replica reports ready, and each later run gets the best
-    # kernel. Its workspace comes out of the capped arena, so an algorithm that
-    # does not fit in this replica's share is simply not chosen.
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"
-    # Spinning intra-op threads burn the cores that decode/encode need.
-    allow_spinning: bool = False
-    # Opt-in: float16 weights and arithmetic inside, float32 IO (GPU only: the
-    # CPU provider has few float16 kernels and runs such a model slowly).
-    fp16: bool = False
-    # Opt-in: rembg's normalisation as nodes in front of the model, so that the
-    # replica feeds the uint8 images as they are (a quarter of the bytes to copy
-    # to the device, and no float64 numpy work on the replica's CPU).
-    preprocess_in_graph: bool = False
-
-
-def providers_for(config: RuntimeConfig) -> list[str | tuple[str, dict[str, Any]]]:
-    """Execution providers in preference order: CUDA first only with a GPU."""
-    if not config.use_gpu:
-        return [CPU]
-    cuda: dict[str, Any] = {
-        "device_id": config.device_id,
-        # Grow the arena by what is asked, not by doubling: replicas share a card.
-        "arena_extend_strategy": "kSameAsRequested",
-        "cudnn_conv_algo_search": config.cudnn_conv_algo_search,
-        "do_copy_in_default_stream": True,
-    }
-    if config.gpu_mem_limit is not None:
-        cuda["gpu_mem_limit"] = config.gpu_mem_limit
-    return [(CUDA, cuda), CPU]
-
-
-def gpu_mem_limit_bytes(fraction: float, total_bytes: int, headroom: float = 0.9) -> int:
-    """The arena limit for a replica holding ``fraction`` of a card of ``total_bytes``.
-
-    ``headroom`` leaves room outside the arena (CUDA context, cuDNN workspaces),
-    which ORT does not count against ``gpu_mem_limit``.
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"GPU fraction must be in (0, 1], got {fraction}")
-    return int(total_bytes * fraction * headroom)
 
 
 def bucket_sizes(max_batch_size: int) -> list[int]:
@@ -153,43 +96,6 @@ def masks_from_output(
             continue
         masks.append((((one - lo) / (hi - lo)) * 255).astype(np.uint8))
     return masks
-
-
-def _symbolic_batch(model_bytes: bytes) -> bytes:
-    """Rewrite the first dim of every graph input and output to a symbolic name.
-
-    Without the ``onnx`` package (a bare GPU box) the bytes are returned as they
-    are: a file whose batch is already symbolic loses nothing, and one fixed at 1
-    fails the batch check and runs one image at a time.
-    """
-    try:
-        import onnx
-    except ImportError:
-        logger.warning("onnx is not installed: the model's batch dimension is kept")
-        return model_bytes
-
-    model = onnx.load_from_string(model_bytes)
-    changed = False
-    for value in [*model.graph.input, *model.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            dims[0].dim_param = "batch"
-            changed = True
-    return model.SerializeToString() if changed else model_bytes
-
-
-def model_bytes_for(path: Path, spec: ModelSpec, runtime: RuntimeConfig) -> bytes:
-    """The model file's bytes with the rewrites ``runtime`` asks for applied."""
-    model_bytes = _symbolic_batch(path.read_bytes())
-    if runtime.fp16 or runtime.preprocess_in_graph:
-        # Imported here: deployments.gpu imports this module.
-        from deployments import gpu
-
-        if runtime.fp16:
-            model_bytes = gpu.to_fp16(model_bytes)
-        if runtime.preprocess_in_graph:
-            model_bytes = gpu.with_preprocessing(model_bytes, spec)
-    return model_bytes
 
 
 @dataclass

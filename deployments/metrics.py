@@ -7,7 +7,14 @@ beside Serve's built-in ``ray_serve_*`` metrics. Created once per replica.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from ray.serve.metrics import Counter, Histogram
+
+# The model the current request was routed to ("-" before routing), so that an
+# error answered later, in an exception handler, is tagged with it. Per request
+# task; module-level because a ContextVar cannot be pickled with a deployment.
+_routed_to: ContextVar[str] = ContextVar("routed_to", default="-")
 
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 _BATCH = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
@@ -45,8 +52,11 @@ class IngressMetrics:
         self.bytes_in.observe(bytes_in, tags=tags)
         self.bytes_out.observe(bytes_out, tags=tags)
 
-    def failed(self, model: str, code: str) -> None:
-        self.errors.inc(tags={"model": model, "code": code})
+    def routed(self, model: str) -> None:
+        _routed_to.set(model)
+
+    def failed(self, code: str) -> None:
+        self.errors.inc(tags={"model": _routed_to.get(), "code": code})
 
 
 class ModelMetrics:

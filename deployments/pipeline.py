@@ -14,13 +14,13 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from deployments.compose import RemoveOptions, compose, mask_to_size
-from deployments.decode import decode
+from deployments.compose import compose, mask_to_size
+from deployments.decode import Limits, decode
 from deployments.encode import encode
 from deployments.infer import OnnxModel
 from deployments.models import ModelSpec
+from deployments.options import CutoutOptions, OutputFormat
 from deployments.preprocess import model_input
-from deployments.settings import Limits
 
 
 @dataclass(frozen=True)
@@ -60,22 +60,24 @@ def prepare(data: bytes, spec: ModelSpec, limits: Limits) -> Prepared:
 def finish(
     image: Image.Image,
     mask: npt.NDArray[np.uint8],
-    options: RemoveOptions,
-    png_compress_level: int,
+    options: CutoutOptions,
+    fmt: OutputFormat = "png",
+    png_compress_level: int = 1,
 ) -> Finished:
     cutout = compose(image, mask_to_size(mask, image.size), options)
-    body = encode(cutout, options.format, png_compress_level)
+    body = encode(cutout, fmt, png_compress_level)
     return Finished(body=body, width=image.width, height=image.height)
 
 
 def remove(
     data: bytes,
     model: OnnxModel,
-    options: RemoveOptions | None = None,
+    options: CutoutOptions | None = None,
+    fmt: OutputFormat = "png",
     limits: Limits | None = None,
     png_compress_level: int = 1,
 ) -> Finished:
     """The whole pipeline in this process, one image."""
     prepared = prepare(data, model.spec, limits or Limits())
     mask = model.predict([prepared.model_input])[0]
-    return finish(prepared.image, mask, options or RemoveOptions(), png_compress_level)
+    return finish(prepared.image, mask, options or CutoutOptions(), fmt, png_compress_level)

@@ -1,6 +1,6 @@
 """The service's settings: one validated model, fed from serve_config.yaml.
 
-``AppSettings`` is the application's ``args`` block; ``BatchSettings`` is a model
+``AppSettings`` is the application's ``args`` block; ``LiveModelConfig`` is a model
 deployment's ``user_config`` (applied live by ``reconfigure``). Unknown keys are
 rejected so that a typo in the config fails at start, not silently.
 """
@@ -12,7 +12,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.decode import Limits
 from deployments.models import MODEL_TABLE
+
+# Each served model is one Serve deployment, named after it.
+MODEL_DEPLOYMENT_PREFIX = "Model_"
+
+
+def deployment_name(model: str) -> str:
+    """The Serve deployment that serves ``model`` (its block in serve_config.yaml)."""
+    return MODEL_DEPLOYMENT_PREFIX + model
 
 
 class _Strict(BaseModel):
@@ -24,7 +33,7 @@ class ModelConfig(_Strict):
 
     name: str
     path: Path | None = None
-    # Opt-in GPU-path variants (deployments.gpu). fp16: float16 weights and
+    # Opt-in GPU-path variants (deployments.graph). fp16: float16 weights and
     # arithmetic, float32 IO, GPU replicas only; masks drift by a few grey levels
     # at edges, so it is not rembg-exact. preprocess_in_graph: rembg's
     # normalisation as graph nodes, bit-exact; the replica feeds uint8.
@@ -37,14 +46,6 @@ class ModelConfig(_Strict):
         if name not in MODEL_TABLE:
             raise ValueError(f"unknown model {name!r}; supported: {', '.join(sorted(MODEL_TABLE))}")
         return name
-
-
-class Limits(_Strict):
-    max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
-    # 50 megapixels: a 24-megapixel photo fits twice over; a decompression bomb
-    # (Pillow warns above ~89 MP and raises above ~179 MP) does not.
-    max_pixels: int = Field(default=50_000_000, gt=0)
-    max_side: int = Field(default=20_000, gt=0)
 
 
 class AppSettings(_Strict):
@@ -88,14 +89,18 @@ class AppSettings(_Strict):
         return self.default_model or self.models[0].name
 
 
-class BatchSettings(_Strict):
-    """A model deployment's ``user_config``: changes apply live.
+class LiveModelConfig(_Strict):
+    """A model deployment's ``user_config``: changes apply live, in the running replicas.
 
-    Changing ``model_path`` or ``model_version`` loads and warms a new session
-    beside the serving one, then swaps them: no request is dropped.
+    The batch knobs' defaults here are the one source for the code (the
+    ``@serve.batch`` decorator, ``build_app``, the benchmark); serve_config.yaml
+    states its own values and config/gpu_config.py the GPU ones. Changing
+    ``model_path`` or ``model_version`` loads and warms a new session beside the
+    serving one, then swaps them: no request is dropped.
     """
 
-    max_batch_size: int = Field(default=8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=10)
+    # On a CPU batching buys little (compute-bound) and each shape costs warm-up.
+    max_batch_size: int = Field(default=4, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10)
     model_path: Path | None = None
     model_version: str | None = None

@@ -2,41 +2,51 @@
 
 Ray tests start a small local Ray (num_cpus set, its own ports) and always shut
 it down; the service tests start `serve run` on a copy of serve_config.yaml whose
-only change is a free port.
+only change is a free port (deployments.bench.harness, shared with the benchmark).
 """
 
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from deployments.bench import start_process, stop_process
-from deployments.infer import OnnxModel, RuntimeConfig
-from deployments.models import EMBEDDED, resolve_model_file, spec_for
+from deployments.bench.harness import (
+    Running,
+    compare,
+    free_port,
+    rembg_home,
+    rembg_reference,
+    serve_config,
+    start_service,
+    stop_process,
+    write_config,
+)
+from deployments.infer import OnnxModel
+from deployments.models import resolve_model_file, spec_for
+from deployments.runtime import RuntimeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED_IMAGES = sorted(FIXTURES.glob("*-1.jpg"))
 OUTPUT = ROOT / "test-output"
 
+# A test that starts `serve run` (through these fixtures) is an end-to-end test.
+SERVICE_FIXTURES = {"service", "secured", "observed", "small_service", "soak_service"}
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+Service = Running
+
+__all__ = ["FIXTURES", "ROOT", "SHARED_IMAGES", "Service", "free_port", "serve_config"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 def image_bytes(img: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
@@ -55,29 +65,10 @@ def gradient(width: int = 64, height: int = 48, mode: str = "RGB") -> Image.Imag
 
 
 @pytest.fixture(scope="session")
-def rembg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A rembg model store holding the embedded u2netp, for rembg's reference runs."""
-    home = tmp_path_factory.mktemp("rembg-home")
-    (home / "models" / "u2netp").mkdir(parents=True)
-    shutil.copy(EMBEDDED["u2netp"], home / "models" / "u2netp" / "u2netp.onnx")
-    return home
-
-
-@pytest.fixture(scope="session")
-def reference_outputs(rembg_home: Path) -> dict[str, bytes]:
+def reference_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """rembg.remove(data, session=new_session("u2netp")) on every shared image."""
-    old = os.environ.get("REMBG_HOME")
-    os.environ["REMBG_HOME"] = str(rembg_home)
-    try:
-        from rembg import new_session, remove
-
-        session = new_session("u2netp", providers=["CPUExecutionProvider"])
-        return {p.name: bytes(remove(p.read_bytes(), session=session)) for p in SHARED_IMAGES}
-    finally:
-        if old is None:
-            os.environ.pop("REMBG_HOME", None)
-        else:
-            os.environ["REMBG_HOME"] = old
+    home = rembg_home(tmp_path_factory.mktemp("rembg"))
+    return rembg_reference({p.name: p.read_bytes() for p in SHARED_IMAGES}, home)
 
 
 @pytest.fixture(scope="session")
@@ -88,70 +79,27 @@ def u2netp() -> OnnxModel:
 
 
 def assert_parity(name: str, ours: bytes, reference: bytes) -> None:
-    """Same perceptual hash and alpha within ±2 grey levels; saves both on failure."""
-    import imagehash
-
-    got, want = Image.open(io.BytesIO(ours)), Image.open(io.BytesIO(reference))
-    same_hash = imagehash.phash(got) == imagehash.phash(want)
-    alpha_diff = (
-        int(
-            np.abs(
-                np.asarray(got.getchannel("A"), dtype=np.int16)
-                - np.asarray(want.getchannel("A"), dtype=np.int16)
-            ).max()
-        )
-        if got.size == want.size and got.mode == want.mode == "RGBA"
-        else 999
-    )
-    if not (same_hash and alpha_diff <= 2):
+    """The decoded RGBA equals rembg's pixel for pixel; both are saved when not."""
+    parity = compare(ours, reference)
+    if not parity.identical:
         OUTPUT.mkdir(exist_ok=True)
         (OUTPUT / f"parity-ours-{name}.png").write_bytes(ours)
         (OUTPUT / f"parity-rembg-{name}.png").write_bytes(reference)
-    assert same_hash, f"{name}: perceptual hash differs from rembg's (saved in test-output/)"
-    assert alpha_diff <= 2, f"{name}: alpha differs from rembg's by {alpha_diff} grey levels"
+    assert parity.identical, (
+        f"{name}: differs from rembg's output (saved in test-output/): {parity}"
+    )
 
 
-@dataclass
-class Service:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    ready_s: float
-
-    def client(self, timeout: float = 60) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
-
-
-def write_config(tmp: Path, port: int, edit: dict[str, object] | None = None) -> Path:
-    """serve_config.yaml with only the HTTP port changed (and optional app args)."""
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = port
-    if edit:
-        config["applications"][0]["args"].update(edit)
-    path = tmp / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def start_service(config: Path, log: Path, timeout_s: float = 180) -> Service:
-    """`serve run CONFIG` in its own process group and its own local Ray; ready on /healthz."""
-    port = yaml.safe_load(config.read_text())["http_options"]["port"]
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
-    argv = [str(Path(sys.executable).parent / "serve"), "run", str(config)]
-    running = start_process(argv, env, log, f"http://127.0.0.1:{port}", "/healthz", timeout_s)
-    return Service(running.url, running.process, log, running.ready_s)
-
-
-def stop_service(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT lets `serve run` shut Serve and its local Ray down; then make sure."""
-    stop_process(process)
+def start_test_service(tmp: Path, config: dict[str, object] | None = None) -> Service:
+    """`serve run` of ``config`` (default: serve_config.yaml on a free port)."""
+    path = write_config(tmp, config or serve_config(free_port()))
+    return start_service(path, tmp / "serve.log")
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("service")
-    running = start_service(write_config(tmp, free_port()), tmp / "serve.log")
+    running = start_test_service(tmp_path_factory.mktemp("service"))
     try:
         yield running
     finally:
-        stop_service(running.process)
+        stop_process(running.process)

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from conftest import FIXTURES, Service, gradient, image_bytes
 from deployments.client import ApiError, AsyncClient, Client, Options, Retry
@@ -18,15 +19,20 @@ CAR = FIXTURES / "car-1.jpg"
 
 
 def test_options_send_only_what_differs() -> None:
-    assert Options().params() == {}
-    params = Options(model="u2netp", only_mask=True, bgcolor="#ff0000", format="webp").params()
-    assert params == {
+    assert Options().query_params() == {}
+    options = Options(model="u2netp", only_mask=True, bgcolor="#ff0000", format="webp")
+    assert options.query_params() == {
         "model": "u2netp",
         "only_mask": "true",
-        "bgcolor": "#ff0000",
+        "bgcolor": "255,0,0,255",
         "format": "webp",
     }
-    assert Options(alpha_matting_erode_size=3).params() == {"alpha_matting_erode_size": "3"}
+    assert Options(alpha_matting_erode_size=3).query_params() == {"alpha_matting_erode_size": "3"}
+
+
+def test_options_are_checked_before_sending() -> None:
+    with pytest.raises(ValidationError, match="bgcolor"):
+        Options(bgcolor="red")
 
 
 def test_remove_a_file_and_bytes(service: Service) -> None:
@@ -55,7 +61,8 @@ def test_options_reach_the_service(service: Service) -> None:
     [
         (b"not an image", Options(), 415, "unsupported_image"),
         (b"", Options(model="no-such-model"), 404, "unknown_model"),
-        (b"x", Options(bgcolor="red"), 400, "bad_parameter"),
+        # Built unchecked, so that the service's own 400 comes back.
+        (b"x", Options.model_construct(alpha_matting_erode_size=1000), 400, "bad_parameter"),
     ],
 )
 def test_errors_are_typed(

@@ -24,13 +24,14 @@ import ray
 from ray import serve
 
 from conftest import SHARED_IMAGES, free_port
-from deployments.decode import decode
+from deployments.decode import Limits, decode
 from deployments.errors import InferenceFailed, ModelUnavailable
-from deployments.infer import OnnxModel, RuntimeConfig
+from deployments.infer import OnnxModel
+from deployments.model_server import ModelServer
 from deployments.models import resolve_model_file, spec_for
 from deployments.preprocess import model_input
-from deployments.serve_app import ModelServer, build_app
-from deployments.settings import Limits
+from deployments.runtime import RuntimeConfig
+from deployments.serve_app import build_app
 
 BODIES = [p.read_bytes() for p in SHARED_IMAGES]
 CLIENTS = 4

@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import gradient, image_bytes
-from deployments.decode import decode
+from deployments.decode import Limits, decode
 from deployments.errors import PayloadTooLarge, UnsupportedImage
-from deployments.settings import Limits
 
 # Small limits keep every example cheap while still crossing them often.
 # Pillow warns about corrupt EXIF blocks and reads on; that is what we want.

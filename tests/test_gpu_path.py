@@ -10,9 +10,7 @@ not a GPU's.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,30 +26,21 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from PIL import Image
 
-from deployments import gpu_bench
-from deployments.compose import RemoveOptions
+from deployments.bench import gpu as gpu_bench
 from deployments.errors import ModelUnavailable
-from deployments.gpu import (
-    IMAGE_INPUT,
-    gpu_total_memory,
-    runtime_for,
-    to_fp16,
-    with_preprocessing,
-)
-from deployments.infer import (
+from deployments.graph import IMAGE_INPUT, to_fp16, with_preprocessing
+from deployments.infer import OnnxModel, bucket_sizes, is_out_of_memory, plan_chunks
+from deployments.models import EMBEDDED, MODEL_TABLE, ModelSpec
+from deployments.preprocess import model_input, normalize_batch
+from deployments.runtime import (
     CPU,
     CUDA,
-    OnnxModel,
     RuntimeConfig,
-    bucket_sizes,
     gpu_mem_limit_bytes,
-    is_out_of_memory,
-    plan_chunks,
+    gpu_total_memory,
     providers_for,
+    runtime_for,
 )
-from deployments.models import EMBEDDED, MODEL_TABLE, ModelSpec
-from deployments.pipeline import finish
-from deployments.preprocess import model_input, normalize_batch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GB = 10**9
@@ -304,33 +293,23 @@ def test_fp16_u2netp_masks_stay_close_to_fp32(u2netp: OnnxModel) -> None:
 
 
 def test_gpu_bench_imports_no_ray_pydantic_or_rembg() -> None:
-    # The GPU box has numpy, Pillow and onnxruntime, none of these.
+    # It times the service's own stages and session, and nothing of Serve or rembg.
     code = (
-        "import sys, deployments.gpu_bench, deployments.gpu; "
-        "bad = {m.split('.')[0] for m in sys.modules} & {'ray', 'pydantic', 'rembg', 'onnx'}; "
+        "import sys, deployments.bench.gpu, deployments.runtime, deployments.graph; "
+        "bad = {m.split('.')[0] for m in sys.modules} & {'ray', 'rembg', 'onnx'}; "
         "print(sorted(bad)); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_gpu_bench_cutout_is_the_services_default_output() -> None:
-    img = Image.open(FIXTURES / "car-1.jpg").convert("RGB")
-    mask = np.random.default_rng(3).integers(0, 256, (320, 320), dtype=np.uint8)
-    ours = Image.open(io.BytesIO(gpu_bench.cutout_png(img, mask)))
-    service = finish(img, mask, RemoveOptions(), png_compress_level=1).body
-    theirs = Image.open(io.BytesIO(service))
-    assert ours.mode == theirs.mode == "RGBA"
-    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
-
-
 def test_gpu_bench_quick_cpu_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("OUT", str(tmp_path))
+    out = tmp_path / "gpu.json"
     # fp32 differs from pre only in its flags; the rembg-style loop loads the plain file.
-    gpu_bench.main(["--quick", "--cpu", "--variants", "pre", "--threads", "2"])
-    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    gpu_bench.main(["--quick", "--cpu", "--variants", "pre", "--threads", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
     assert result["onnxruntime"] == ort.__version__
     assert [v["name"] for v in result["variants"]] == ["pre"]
     for variant in result["variants"]:
@@ -370,20 +349,15 @@ def test_gpu_bench_prepares_variants_that_load_without_rewriting(tmp_path: Path)
 def test_gpu_bench_runs_prepared_variants_without_onnx(tmp_path: Path) -> None:
     # As on the GPU box, where `import onnx` fails: the files from --prepare load
     # as they are, the in-graph one takes uint8, the fp16 one float32.
-    models = tmp_path / "models"
+    models, out = tmp_path / "models", tmp_path / "gpu.json"
     gpu_bench.prepare(U2NETP, EMBEDDED["u2netp"], models)
     code = (
         "import sys; sys.modules['onnx'] = None\n"
-        "from deployments import gpu_bench\n"
-        f"gpu_bench.main(['--quick', '--cpu', '--models-dir', {str(models)!r}])\n"
+        "from deployments.bench import gpu\n"
+        f"gpu.main(['--quick', '--cpu', '--models-dir', {str(models)!r}, '--out', {str(out)!r}])\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OUT": str(tmp_path)},
-    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    result = json.loads(out.read_text())
     assert [v["name"] for v in result["variants"]] == ["fp32", "pre", "fp16"]
     assert all(v["error"] is None and v["batchable"] for v in result["variants"])

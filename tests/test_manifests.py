@@ -21,7 +21,7 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.settings import AppSettings, BatchSettings
+from deployments.settings import AppSettings, LiveModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
@@ -94,7 +94,7 @@ def test_serve_configs_pass_ray_and_our_schemas(config: Any) -> None:
         assert names == {"Ingress"} | {f"Model_{m.name}" for m in settings.models}
         for deployment in app["deployments"]:
             if "user_config" in deployment:
-                BatchSettings.model_validate(deployment["user_config"])
+                LiveModelConfig.model_validate(deployment["user_config"])
             autoscaling = deployment.get("autoscaling_config", {})
             # Never scale to zero: a cold start costs a model load and warm-up.
             assert autoscaling.get("min_replicas", 1) >= 1

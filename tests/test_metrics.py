@@ -22,10 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, Service, free_port, gradient, image_bytes, start_service, stop_service
+from conftest import ROOT, Service, free_port, gradient, image_bytes
+from deployments.bench.harness import serve_config, start_service, stop_process, write_config
 
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
 METRICS_MODULE = ROOT / "deployments" / "metrics.py"
@@ -84,11 +84,8 @@ def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
     """`serve run` on serve_config.yaml with ``logging_config.encoding`` set, in its
     own Ray temp dir (RAY_TMPDIR; short, as Ray's socket paths must stay < 108 bytes)."""
     temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = free_port()
-    config["logging_config"]["encoding"] = encoding
-    path = temp / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    config = serve_config(free_port(), top={"logging_config": {"encoding": encoding}})
+    path = write_config(temp, config)
     env = {
         "RAY_TMPDIR": str(temp),
         # Export every second instead of every ten, so the scrape sees requests soon.
@@ -101,7 +98,7 @@ def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
     try:
         yield Observed(service, (temp / "ray" / "session_latest").resolve())
     finally:
-        stop_service(service.process)
+        stop_process(service.process)
         shutil.rmtree(temp, ignore_errors=True)
 
 

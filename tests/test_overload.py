@@ -18,7 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import SHARED_IMAGES, Service, free_port, start_service, stop_service, write_config
+from conftest import SHARED_IMAGES, Service, free_port, serve_config
+from deployments.bench.harness import start_service, stop_process, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -125,8 +126,8 @@ def service_config(tmp: Path, ingress: dict[str, int] | None = None) -> Path:
     Fixed replica counts keep the capacity the test reasons about fixed: the
     autoscaler would otherwise add an ingress replica (and admission slots).
     """
-    path = write_config(tmp, free_port())
-    config = yaml.safe_load(path.read_text())
+    config = serve_config(free_port())
+    path = write_config(tmp, config)
     for deployment in config["applications"][0]["deployments"]:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
@@ -144,7 +145,7 @@ def small_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]
     try:
         yield running
     finally:
-        stop_service(running.process)
+        stop_process(running.process)
 
 
 def test_excess_gets_quick_503_and_admitted_keep_throughput(small_service: Service) -> None:

@@ -31,8 +31,9 @@ from ray import serve
 
 from conftest import ROOT, free_port, gradient, image_bytes
 from deployments.errors import ModelUnavailable
-from deployments.infer import OnnxModel, RuntimeConfig
+from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file, spec_for
+from deployments.runtime import RuntimeConfig
 from deployments.serve_app import build_app, use_gpu_for
 
 APP = "rembg"

@@ -15,14 +15,8 @@ import pytest
 from pydantic import ValidationError
 from test_bad_input import GOOD, assert_json_error, assert_no_leak
 
-from conftest import (
-    ROOT,
-    Service,
-    free_port,
-    start_service,
-    stop_service,
-    write_config,
-)
+from conftest import ROOT, Service, free_port, serve_config, start_test_service
+from deployments.bench.harness import stop_process
 from deployments.settings import AppSettings
 
 pytestmark = pytest.mark.e2e
@@ -34,12 +28,12 @@ ORIGIN = "https://app.example"
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("secured")
-    config = write_config(tmp, free_port(), {"api_key": KEY, "cors_origins": [ORIGIN]})
-    running = start_service(config, tmp / "serve.log")
+    config = serve_config(free_port(), args={"api_key": KEY, "cors_origins": [ORIGIN]})
+    running = start_test_service(tmp, config)
     try:
         yield running
     finally:
-        stop_service(running.process)
+        stop_process(running.process)
 
 
 @pytest.mark.parametrize(

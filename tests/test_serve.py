@@ -12,12 +12,13 @@ import ray
 from ray import serve
 
 from conftest import FIXTURES, free_port
+from deployments.decode import Limits
 from deployments.errors import ModelUnavailable
 from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file
 from deployments.pipeline import prepare
 from deployments.serve_app import build_app, use_gpu_for
-from deployments.settings import AppSettings, Limits
+from deployments.settings import AppSettings
 
 pytestmark = pytest.mark.serve
 
@@ -67,14 +68,15 @@ def test_reconfigure_applies_live_and_warms_new_shapes(app: Any) -> None:
 
 
 def _with_user_config(**user_config: Any) -> Any:
-    from deployments.serve_app import Ingress, ModelServer
-    from deployments.settings import BatchSettings, ModelConfig
+    from deployments.ingress import Ingress
+    from deployments.model_server import ModelServer
+    from deployments.settings import LiveModelConfig, ModelConfig
 
     settings = AppSettings(num_cpus=1)
     model = ModelServer.options(
         name="Model_u2netp",
         ray_actor_options={"num_cpus": 1},
-        user_config=BatchSettings(**user_config).model_dump(mode="json"),
+        user_config=LiveModelConfig(**user_config).model_dump(mode="json"),
     ).bind(ModelConfig(name="u2netp").model_dump(mode="json"), 0.0)
     return Ingress.bind(settings.model_dump(mode="json"), {"u2netp": model})
 

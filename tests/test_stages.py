@@ -7,17 +7,19 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from rembg.bg import naive_cutout as rembg_naive_cutout
 
 from conftest import SHARED_IMAGES, assert_parity, gradient, image_bytes
-from deployments.compose import RemoveOptions, compose
-from deployments.decode import decode
+from deployments import encode as encode_module
+from deployments.compose import compose, naive_cutout
+from deployments.decode import Limits, decode
 from deployments.encode import encode
 from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.infer import OnnxModel, masks_from_output, plan_chunks
 from deployments.models import spec_for
+from deployments.options import CutoutOptions
 from deployments.pipeline import remove, sample_jpeg
 from deployments.preprocess import model_input, normalize_batch
-from deployments.settings import Limits
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1"])
@@ -152,11 +154,11 @@ def test_in_process_pipeline_matches_rembg(
 def test_compose_options() -> None:
     img = gradient(40, 30)
     mask = Image.fromarray(np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1)), "L")
-    only = compose(img, mask, RemoveOptions(only_mask=True))
+    only = compose(img, mask, CutoutOptions(only_mask=True))
     assert only.mode == "L" and np.array_equal(np.asarray(only), np.asarray(mask))
-    colored = compose(img, mask, RemoveOptions(bgcolor=(0, 0, 255, 255)))
+    colored = compose(img, mask, CutoutOptions(bgcolor=(0, 0, 255, 255)))
     assert colored.mode == "RGBA" and colored.getpixel((0, 0)) == (0, 0, 255, 255)
-    matted = compose(img, mask, RemoveOptions(alpha_matting=True))
+    matted = compose(img, mask, CutoutOptions(alpha_matting=True))
     assert matted.size == img.size and matted.mode == "RGBA"
 
 
@@ -175,3 +177,29 @@ def test_warm_up_image_is_a_photo_sized_jpeg_the_decoder_takes() -> None:
     # Shrunk to what tight limits accept, so the warm-up is never refused.
     tight = Limits(max_pixels=1000, max_side=30)
     assert decode(sample_jpeg(tight), tight).size == (30, 22)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 5), (301, 211)])
+@pytest.mark.parametrize("stripe_bytes", [1, 1000, 4 << 20])
+def test_fast_png_keeps_every_pixel(
+    mode: str, size: tuple[int, int], stripe_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any stripe height (one row, a few, the whole image) decodes to the input."""
+    monkeypatch.setattr(encode_module, "_STRIPE_BYTES", stripe_bytes)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], len(mode))
+    pixels = np.random.default_rng(sum(size)).integers(0, 256, shape, dtype=np.uint8)
+    body = encode(Image.fromarray(pixels, mode), "png", 1)
+    decoded = Image.open(io.BytesIO(body))
+    assert decoded.format == "PNG" and decoded.mode == mode
+    assert np.array_equal(np.asarray(decoded), pixels)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_naive_cutout_equals_rembgs(mode: str) -> None:
+    rng = np.random.default_rng(7)
+    img = Image.fromarray(rng.integers(0, 256, (53, 71, len(mode)), dtype=np.uint8), mode)
+    mask = Image.fromarray(rng.integers(0, 256, (53, 71), dtype=np.uint8), "L")
+    ours, theirs = naive_cutout(img, mask), rembg_naive_cutout(img, mask)
+    assert ours.mode == theirs.mode == "RGBA"
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))

@@ -1,10 +1,10 @@
-"""One-call benchmark of the GPU path, for a bare GPU box (or the CPU, with --cpu).
+"""One-call benchmark of the GPU path (or the CPU, with --cpu), the model first.
 
-It imports only numpy, Pillow, onnxruntime and this package's Ray-free,
-pydantic-free, rembg-free modules (``infer``, ``models``, ``preprocess``), so
-it runs where the service's other dependencies are not installed; ``onnx`` is
-needed only to build the model variants, which ``--prepare DIR`` does ahead of
-time on a machine that has it. It measures, in one process:
+It imports no Ray and no rembg: the service's own stages (``decode``,
+``preprocess``, ``pipeline.finish``), session (``infer``) and runtime, so what it
+times is what a replica and an ingress run. ``onnx`` is needed only to build the
+model variants, which ``--prepare DIR`` can do ahead of time elsewhere. It
+measures, in one process:
 
 - the model's images/s by batch size (1, 2, 4, ... up to --max-batch) per model
   variant (fp32; ``pre``: normalisation in the graph; ``fp16``), every shape
@@ -16,16 +16,15 @@ time on a machine that has it. It measures, in one process:
   made rembg's way (default options, no arena cap, PNG at Pillow's level 6).
 
 It prints the device, the onnxruntime version and the active provider, then a
-short table last, and writes JSON to ``$OUT/gpu_bench.json`` when ``$OUT`` is set.
+short table last, and writes JSON to ``--out``.
 
-    python3 -m deployments.gpu_bench                 # on the GPU box
-    python3 -m deployments.gpu_bench --quick --cpu   # a smoke run here
+    python -m deployments.bench.gpu                  # on a GPU machine
+    python -m deployments.bench.gpu --quick --cpu    # a smoke run anywhere
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -41,14 +40,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from PIL import Image, ImageOps
 
-from deployments.infer import CUDA, OnnxModel, RuntimeConfig, masks_from_output
+from deployments.decode import Limits, decode
+from deployments.infer import OnnxModel, masks_from_output
 from deployments.models import EMBEDDED, MODEL_TABLE, ModelSpec
+from deployments.options import CutoutOptions
+from deployments.pipeline import finish
 from deployments.preprocess import model_input, normalize_batch
+from deployments.runtime import CUDA, RuntimeConfig
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
 VARIANTS = ("fp32", "pre", "fp16")
+LIMITS = Limits()
 
 
 @dataclass
@@ -102,8 +106,9 @@ def device_name(gpu: bool) -> str:
             import torch  # type: ignore[import-not-found,unused-ignore]
 
             return str(torch.cuda.get_device_name(0))
-        except Exception:
-            pass
+        except (ImportError, RuntimeError, AssertionError) as exc:
+            # No torch, or torch without a usable CUDA device: say so, go on.
+            return f"gpu (name unknown: {type(exc).__name__})"
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
@@ -111,13 +116,12 @@ def device_used_mib() -> float | None:
     """Device memory in use (MiB), or None without a GPU or torch."""
     try:
         import torch  # type: ignore[import-not-found,unused-ignore]
-
-        if not torch.cuda.is_available():
-            return None
-        free, total = torch.cuda.mem_get_info()
-        return float(total - free) / 2**20
-    except Exception:
+    except ImportError:
         return None
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return float(total - free) / 2**20
 
 
 def fixture_images(folder: Path, n: int) -> list[bytes]:
@@ -127,23 +131,6 @@ def fixture_images(folder: Path, n: int) -> list[bytes]:
         raise SystemExit(f"no .jpg images in {folder}")
     data = [f.read_bytes() for f in files]
     return [data[i % len(data)] for i in range(n)]
-
-
-def decode(data: bytes) -> Image.Image:
-    """What deployments.decode does for a JPEG, without its settings import."""
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    return img if img.mode in ("RGB", "RGBA") else img.convert("RGB")
-
-
-def cutout_png(img: Image.Image, mask: npt.NDArray[np.uint8], compress_level: int = 1) -> bytes:
-    """The service's default finish (deployments.pipeline.finish): mask upscaled
-    with LANCZOS, rembg's naive cut-out, PNG. Written out here because
-    deployments.compose imports rembg, which the GPU box does not have."""
-    full = Image.fromarray(mask, mode="L").resize(img.size, Image.Resampling.LANCZOS)
-    cutout = Image.composite(img, Image.new("RGBA", img.size, 0), full)
-    out = io.BytesIO()
-    cutout.save(out, "PNG", compress_level=compress_level)
-    return out.getvalue()
 
 
 def median_seconds(fn: Callable[[], object], runs: int, min_s: float) -> float:
@@ -204,8 +191,7 @@ def variant_sources(
 
 def prepare(spec: ModelSpec, model_path: Path, folder: Path) -> list[Path]:
     """Write every variant's rewritten file to ``folder`` (needs onnx)."""
-    from deployments.gpu import to_fp16, with_preprocessing
-    from deployments.infer import model_bytes_for
+    from deployments.graph import model_bytes_for, to_fp16, with_preprocessing
 
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = model_bytes_for(model_path, spec, RuntimeConfig())
@@ -232,10 +218,10 @@ def cpu_side(
     per image by step (measured once, single-threaded, on the first images)."""
 
     def one(data: bytes) -> int:
-        img = decode(data)
+        img = decode(data, LIMITS)
         small = model_input(img, spec.size)
         normalize_batch([small], spec)
-        return len(cutout_png(img, mask))
+        return len(finish(img, mask, CutoutOptions()).body)
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, datas[:threads]))  # warm the pool and Pillow's codecs
@@ -247,13 +233,13 @@ def cpu_side(
     sample = datas[: min(len(datas), 8)]
     for data in sample:
         t0 = time.perf_counter()
-        img = decode(data)
+        img = decode(data, LIMITS)
         t1 = time.perf_counter()
         small = model_input(img, spec.size)
         t2 = time.perf_counter()
         normalize_batch([small], spec)
         t3 = time.perf_counter()
-        cutout_png(img, mask)
+        finish(img, mask, CutoutOptions())
         t4 = time.perf_counter()
         for step, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             steps[step] += seconds * 1000 / len(sample)
@@ -273,11 +259,12 @@ def rembg_loop(
     input_name = session.get_inputs()[0].name
 
     def remove(data: bytes) -> bytes:
-        img = decode(data)
+        img = decode(data, LIMITS)
         batch = normalize_batch([model_input(img, spec.size)], spec)
         pred = session.run(None, {input_name: batch})[spec.output][:, 0, :, :]
         mask = masks_from_output(pred, spec)[0]
-        return cutout_png(img, mask, compress_level=6)  # rembg saves with Pillow's default
+        # rembg saves with Pillow's default PNG level (6).
+        return finish(img, mask, CutoutOptions(), "png", png_compress_level=6).body
 
     remove(datas[0])  # rembg's first call pays the cuDNN search too; not timed
     started = time.perf_counter()
@@ -332,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     parser.add_argument("--rembg-images", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fixtures", type=Path, default=FIXTURES)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "gpu.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.max_batch, args.runs, args.min_seconds = min(args.max_batch, 2), 1, 0.0
@@ -350,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     if gpu:
         _load_cuda_libraries()
     datas = fixture_images(args.fixtures, args.images)
-    inputs = [model_input(decode(d), spec.size) for d in datas[:4]]
+    inputs = [model_input(decode(d, LIMITS), spec.size) for d in datas[:4]]
     report = Report(
         device=device_name(gpu),
         onnxruntime=ort.__version__,
@@ -392,10 +380,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     payload = asdict(report)
     for v, raw in zip(report.variants, payload["variants"], strict=True):
         raw["batch_gain"] = v.batch_gain
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        Path(out_dir, "gpu_bench.json").write_text(json.dumps(payload, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2))
     print()
     print(table(report))
     sys.stdout.flush()

@@ -1,0 +1,223 @@
+"""The HTTP surface: routes, the options they take, and the OpenAPI document.
+
+``build_api`` makes the FastAPI app for any ``RemoveService`` (the Serve ingress,
+or an in-process one in tests). Routes only parse, authorize and answer: the
+work is the service's. Imports no Ray.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from deployments import __version__, responses
+from deployments.encode import MEDIA_TYPES
+from deployments.errors import BadParameter, NotFound, ServiceError, Unauthorized
+from deployments.options import (
+    OptionsError,
+    OutputFormat,
+    RembgForm,
+    RemoveQuery,
+    field_names,
+    parse,
+)
+from deployments.service import Job, Served
+from deployments.wire import read_body, read_multipart
+
+STATIC = Path(__file__).parent / "static"
+
+
+class RemoveService(Protocol):
+    """What the routes need from the service behind them."""
+
+    async def remove(self, job: Job) -> Served: ...
+
+    async def health(self) -> dict[str, bool]:
+        """Per configured model: can it serve now (busy counts as yes)."""
+        ...
+
+    async def models(self) -> dict[str, Any]: ...
+
+    def counted(self, error: ServiceError) -> None:
+        """Called for every error answered (the error metric)."""
+        ...
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    max_upload_bytes: int
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+
+
+_IMAGE_HEADERS = {
+    "X-Width": {"schema": {"type": "integer"}},
+    "X-Height": {"schema": {"type": "integer"}},
+    "X-Model": {"schema": {"type": "string"}},
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": responses.ErrorBody, "description": "A JSON error"}
+    for status in (400, 401, 404, 413, 415, 500, 503)
+}
+
+
+def _image_responses(formats: tuple[OutputFormat, ...]) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "The cut-out (or the mask with only_mask)",
+            "headers": _IMAGE_HEADERS,
+            "content": {MEDIA_TYPES[f]: _BINARY for f in formats},
+        },
+        **_ERRORS,
+    }
+
+
+def _rembg_form_schema() -> dict[str, Any]:
+    schema = RembgForm.model_json_schema(by_alias=True)
+    properties = {"file": {"type": "string", "format": "binary"}, **schema["properties"]}
+    return {"type": "object", "required": ["file"], "properties": properties}
+
+
+def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
+    """The FastAPI app that serves ``service``."""
+    api = FastAPI(
+        title="rembg-serve",
+        version=__version__,
+        description="Background removal with rembg's models on Ray Serve.",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    responses.install(
+        api,
+        service.counted,
+        accepted={"/remove": field_names(RemoveQuery), "/api/remove": field_names(RembgForm)},
+    )
+    if settings.cors_origins:
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Width", "X-Height", "X-Model"],
+        )
+    limit = settings.max_upload_bytes
+
+    async def authorize(request: Request) -> None:
+        """The API key, when one is set; checked before the body is read."""
+        if settings.api_key is None:
+            return
+        given = request.headers.get("x-api-key", "")
+        bearer = request.headers.get("authorization", "")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:].strip()
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise Unauthorized("a valid API key is required (X-API-Key header)")
+
+    def image(served: Served) -> Response:
+        return Response(
+            served.body,
+            media_type=MEDIA_TYPES[served.format],
+            headers={
+                "X-Width": str(served.width),
+                "X-Height": str(served.height),
+                "X-Model": served.model,
+            },
+        )
+
+    @api.post(
+        "/api/remove",
+        summary="Remove the background (rembg-compatible)",
+        dependencies=[Depends(authorize)],
+        response_class=Response,
+        responses=_image_responses(("png",)),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": _rembg_form_schema()}},
+            }
+        },
+    )
+    async def api_remove(
+        request: Request,
+        bgc: Annotated[
+            str | None,
+            Query(description="Background colour: R,G,B,A (0-255) or #RRGGBBAA"),
+        ] = None,
+    ) -> Response:
+        upload = await read_multipart(request, limit)
+        fields = {k: v for k, v in upload.fields.items() if k != "file"}
+        if bgc is not None:
+            fields["bgc"] = bgc
+        if "extras" in request.query_params:
+            fields["extras"] = request.query_params["extras"]
+        try:
+            form = parse(RembgForm, fields)
+        except OptionsError as exc:
+            raise BadParameter(str(exc)) from None
+        return image(await service.remove(Job(upload.data, form.model, form.cutout())))
+
+    @api.post(
+        "/remove",
+        summary="Remove the background (raw body or multipart)",
+        dependencies=[Depends(authorize)],
+        response_class=Response,
+        responses=_image_responses(("png", "webp")),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "image/*": _BINARY,
+                    "application/octet-stream": _BINARY,
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    },
+                },
+            }
+        },
+    )
+    async def remove(request: Request, query: Annotated[RemoveQuery, Query()]) -> Response:
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            data = (await read_multipart(request, limit)).data
+        else:
+            data = await read_body(request, limit)
+        job = Job(data, query.model, query.cutout(), query.format)
+        return image(await service.remove(job))
+
+    @api.get(
+        "/healthz",
+        summary="200 while every configured model can serve (busy included)",
+        responses={503: {"description": "A configured model cannot serve"}},
+    )
+    async def healthz() -> JSONResponse:
+        models = await service.health()
+        ok = all(models.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "models": models},
+            status_code=200 if ok else 503,
+        )
+
+    @api.get("/models", summary="Configured models, their device and batch settings")
+    async def list_models() -> dict[str, Any]:
+        return await service.models()
+
+    @api.get("/", include_in_schema=False)
+    async def index() -> Response:
+        return Response(STATIC.joinpath("index.html").read_bytes(), media_type="text/html")
+
+    @api.get("/{path:path}", include_in_schema=False)
+    async def not_found(path: str) -> Response:
+        raise NotFound(f"no route /{path}")
+
+    return api

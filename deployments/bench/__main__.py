@@ -1,0 +1,113 @@
+"""``python -m deployments.bench``: the benchmark, every figure from one run on one machine.
+
+Sections (all by default): ``throughput`` (the model limit, the same stages in
+process, the service over HTTP and ``rembg s`` side by side). It prints a table
+with each target marked PASS or FAIL and writes everything as JSON. Compare the
+ratios, not the absolute figures: machines differ several times in raw speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from deployments.bench import throughput
+from deployments.bench.harness import ROOT, Json, rembg_home, shared_images
+
+SECTIONS = ("throughput",)
+
+
+def machine() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"load {load}, Python {platform.python_version()}"
+    )
+
+
+def judged(name: str, value: Any, op: str, goal: float | None) -> Json:
+    if value is None:
+        return {"name": name, "value": None, "goal": f"{op} {goal}", "result": "SKIP"}
+    if isinstance(value, bool):
+        return {"name": name, "value": value, "goal": "true", "result": "PASS" if value else "FAIL"}
+    assert goal is not None
+    ok = value >= goal if op == ">=" else value <= goal
+    return {
+        "name": name,
+        "value": round(float(value), 3),
+        "goal": f"{op} {goal}",
+        "result": "PASS" if ok else "FAIL",
+    }
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m deployments.bench", description=__doc__)
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"of {', '.join(SECTIONS)}")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
+    parser.add_argument(
+        "--requests", type=int, default=48, help="requests per load phase (at least 2x its clients)"
+    )
+    parser.add_argument("--quick", action="store_true", help="few requests (for tests)")
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--peer-python", type=Path, default=throughput.PEER_VENV / "bin" / "python")
+    parser.add_argument(
+        "--setup-peer",
+        action="store_true",
+        help=f"create {throughput.PEER_VENV.name} with {' '.join(throughput.PEER_REQUIREMENTS)}",
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(
+            f"unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    sections = args.sections or list(SECTIONS)
+    images = shared_images()
+    results: Json = {"machine": machine(), "argv": sys.argv[1:] if argv is None else argv}
+    targets: list[Json] = []
+    lines: list[str] = [f"machine: {results['machine']}", ""]
+    with tempfile.TemporaryDirectory(prefix="rembg-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        home = rembg_home(tmp)
+        if "throughput" in sections:
+            peer: Path | None = None
+            if not args.skip_peer:
+                peer = throughput.setup_peer() if args.setup_peer else args.peer_python
+                if not peer.exists():
+                    print(f"no peer python at {peer}: run with --setup-peer", file=sys.stderr)
+                    return 2
+            part = throughput.run(
+                tmp,
+                images,
+                home,
+                requests=8 if args.quick else args.requests,
+                quick=args.quick,
+                peer_python=peer,
+            )
+            results["throughput"] = part
+            targets += [judged(*t) for t in throughput.targets(part)]
+            lines += throughput.table(part)
+    results["targets"] = targets
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    lines += ["", f"{'target':40}{'value':>10}  {'goal':>9}  result"]
+    for t in targets:
+        lines.append(f"{t['name']:40}{t['value']!s:>10}  {t['goal']:>9}  {t['result']}")
+    print("\n".join(lines))
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
