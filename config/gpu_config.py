@@ -4,31 +4,33 @@
                                     # the serveConfigV2 block of config/rayservice.yaml
 
 serve_config.yaml stays the one source of the operational knobs; a GPU cluster
-changes only what ``GPU_ARGS`` and ``GPU_DEPLOYMENTS`` say, for the reasons
-given in config/rayservice.yaml. tests/test_manifests.py fails when the files
-and this output differ.
+changes only what ``GPU_ARGS``, ``GPU_INGRESS`` and ``GPU_MODEL`` say (the last
+for every model's deployment), for the reasons given in config/rayservice.yaml.
+tests/test_manifests.py fails when the files and this output differ.
 """
 
 from __future__ import annotations
 
-import copy
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from deployments.bench.harness import merged
+from deployments.settings import MODEL_DEPLOYMENT_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
 
 GPU_ARGS: dict[str, Any] = {"device": "gpu", "num_cpus": 1}
-GPU_DEPLOYMENTS: dict[str, dict[str, Any]] = {
-    "Ingress": {"ray_actor_options": {"num_cpus": 1}},
-    "Model_u2netp": {
-        "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
-        "max_ongoing_requests": 32,
-        "autoscaling_config": {"target_ongoing_requests": 16},
-    },
+GPU_INGRESS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 1}}
+# Every Model_<name> deployment: on a GPU a bigger batch costs about what a
+# small one does, so batches are allowed to grow.
+GPU_MODEL: dict[str, Any] = {
+    "user_config": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+    "max_ongoing_requests": 32,
+    "autoscaling_config": {"target_ongoing_requests": 16},
 }
 
 HEADER = """\
@@ -39,23 +41,17 @@ HEADER = """\
 """
 
 
-def merged(base: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in edit.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
+def gpu_override(deployment: str) -> dict[str, Any]:
+    if deployment.startswith(MODEL_DEPLOYMENT_PREFIX):
+        return GPU_MODEL
+    return GPU_INGRESS if deployment == "Ingress" else {}
 
 
 def gpu_config() -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     for app in config["applications"]:
         app["args"] = merged(app["args"], GPU_ARGS)
-        app["deployments"] = [
-            merged(d, GPU_DEPLOYMENTS.get(d["name"], {})) for d in app["deployments"]
-        ]
+        app["deployments"] = [merged(d, gpu_override(d["name"])) for d in app["deployments"]]
     return config
 
 

@@ -55,6 +55,13 @@ def image_bytes(img: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
     return out.getvalue()
 
 
+def load_image(path: Path) -> Image.Image:
+    """The image at ``path``, read whole and its file closed."""
+    with Image.open(path) as img:
+        img.load()
+    return img
+
+
 def gradient(width: int = 64, height: int = 48, mode: str = "RGB") -> Image.Image:
     """A small synthetic image with structure (not flat), in any mode."""
     y, x = np.mgrid[0:height, 0:width]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, Service, free_port, gradient, image_bytes
+from conftest import FIXTURES, Service, free_port, gradient, image_bytes, load_image
 from deployments.cli import Job, main, plan
 
 SCRIPT = Path(sys.executable).parent / "rembg-serve"
@@ -66,7 +66,7 @@ def test_remove_a_folder_resumes_and_reports_failures(
     assert "415 unsupported_image" in printed.err
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == ["a.jpg.png", "a.png.png", "b.png", "sub/c.png"]
-    cut = Image.open(out / "sub" / "c.png")
+    cut = load_image(out / "sub" / "c.png")
     assert cut.mode == "RGBA" and cut.size == (64, 48)
 
     # Rerun: the four outputs are skipped, only the fixed file is sent.
@@ -75,7 +75,7 @@ def test_remove_a_folder_resumes_and_reports_failures(
     assert main(args) == 0
     assert "1 done, 4 already there, 0 failed" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
-    assert Image.open(out / "broken.png").size == (32, 32)
+    assert load_image(out / "broken.png").size == (32, 32)
 
 
 def test_remove_passes_options(service: Service, tmp_path: Path) -> None:
@@ -83,9 +83,9 @@ def test_remove_passes_options(service: Service, tmp_path: Path) -> None:
     shutil.copy(FIXTURES / "car-1.jpg", car)
     args = ["remove", str(car), "-o", str(tmp_path / "out"), "--url", service.url, "-q"]
     assert main([*args, "--only-mask"]) == 0
-    assert Image.open(tmp_path / "out" / "car.png").mode == "L"
+    assert load_image(tmp_path / "out" / "car.png").mode == "L"
     assert main([*args, "--format", "webp", "--bgcolor", "0,0,255,255"]) == 0
-    webp = Image.open(tmp_path / "out" / "car.webp")
+    webp = load_image(tmp_path / "out" / "car.webp")
     assert webp.format == "WEBP"
     # A blue background wherever the car was cut away.
     corner = np.asarray(webp.convert("RGB"))[:10, :10].reshape(-1, 3).mean(axis=0)

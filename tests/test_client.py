@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from conftest import FIXTURES, Service, gradient, image_bytes
+from conftest import FIXTURES, Service, gradient, image_bytes, load_image
 from deployments.client import ApiError, AsyncClient, Client, Options, Retry
 
 CAR = FIXTURES / "car-1.jpg"
@@ -39,7 +39,7 @@ def test_remove_a_file_and_bytes(service: Service) -> None:
     with Client(service.url) as client:
         from_path = client.remove(CAR)
         from_bytes = client.remove(CAR.read_bytes())
-    original = Image.open(CAR)
+    original = load_image(CAR)
     assert (from_path.width, from_path.height) == original.size
     assert from_path.model == "u2netp" and from_path.media_type == "image/png"
     assert from_path.data == from_bytes.data

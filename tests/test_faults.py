@@ -9,10 +9,8 @@ for a client that retries on 503 and on connection errors.
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import ray
 from ray import serve
 
 from conftest import SHARED_IMAGES, free_port
+from deployments.bench.harness import Load
 from deployments.decode import Limits, decode
 from deployments.errors import InferenceFailed, ModelUnavailable
 from deployments.infer import OnnxModel
@@ -35,97 +34,6 @@ from deployments.serve_app import build_app
 
 BODIES = [p.read_bytes() for p in SHARED_IMAGES]
 CLIENTS = 4
-
-
-@dataclass(frozen=True)
-class Call:
-    started: float
-    ended: float
-    status: int  # 0: connection error or timeout
-    error: str = ""  # the exception, or the start of a non-200 body
-
-
-class Load:
-    """``CLIENTS`` plain clients (no retry) plus one retrying client, until ``stop()``.
-
-    The retrying client retries on 503, on connection errors and on a 5xx that
-    is not this service's JSON error: Serve's proxy answers a plain-text 500
-    for a request whose ingress replica died under it. Removing a background
-    is idempotent, so each of these is safe to retry.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.calls: list[Call] = []
-        self.retried_ok = 0
-        self.retried_lost = 0
-        self.retries = 0
-        self.proxy_5xx_retries = 0
-        self.current: list[float | None] = [None] * CLIENTS
-        self.stopped = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._plain, args=(i,)) for i in range(CLIENTS)]
-        self.threads.append(threading.Thread(target=self._retrying))
-        for thread in self.threads:
-            thread.start()
-
-    def _plain(self, index: int) -> None:
-        # Longer than a replica takes to come back on a loaded 2-core machine:
-        # requests queued during recovery are slow, not failed.
-        with httpx.Client(base_url=self.url, timeout=300) as client:
-            i = index
-            while not self.stopped.is_set():
-                started = time.monotonic()
-                with self.lock:
-                    self.current[index] = started
-                try:
-                    response = client.post("/remove", content=BODIES[i % 4])
-                    status = response.status_code
-                    error = "" if status == 200 else response.text[:300]
-                except httpx.HTTPError as exc:
-                    status, error = 0, repr(exc)
-                with self.lock:
-                    self.current[index] = None
-                    self.calls.append(Call(started, time.monotonic(), status, error))
-                i += 1
-
-    def _retrying(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=300) as client:
-            i = 0
-            while not self.stopped.is_set():
-                for _attempt in range(60):
-                    try:
-                        response = client.post("/remove", content=BODIES[i % 4])
-                    except httpx.TransportError:
-                        status, wait = 0, 0.5
-                    else:
-                        status = response.status_code
-                        wait = float(response.headers.get("retry-after", "1"))
-                        ours = response.headers.get("content-type") == "application/json"
-                        if status >= 500 and status != 503 and not ours:
-                            self.proxy_5xx_retries += 1
-                            status = 0
-                    if status == 200:
-                        self.retried_ok += 1
-                        break
-                    if status not in (0, 503):
-                        self.retried_lost += 1
-                        break
-                    self.retries += 1
-                    time.sleep(min(wait, 1.0))
-                else:
-                    self.retried_lost += 1
-                i += 1
-
-    def in_flight(self) -> int:
-        """Plain calls sent and not yet answered, now."""
-        with self.lock:
-            return sum(started is not None for started in self.current)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        for thread in self.threads:
-            thread.join()
 
 
 def _replica(deployment: str) -> Any:
@@ -172,32 +80,36 @@ def test_replica_killed_under_load_recovers(in_process_service: str, deployment:
     url = in_process_service
     _wait_until_serving(url, time.monotonic())
     actor, name = _replica(deployment)
-    load = Load(url)
-    try:
+    images = {p.name: p.read_bytes() for p in SHARED_IMAGES}
+    # Longer timeouts than a replica takes to come back on a loaded 2-core machine:
+    # requests queued during recovery are slow, not failed.
+    plain = Load(url, images, CLIENTS, timeout_s=300)
+    retrying = Load(url, images, 1, timeout_s=300, retrying=True)
+    with plain, retrying:
         time.sleep(5)
-        in_flight = load.in_flight()
+        in_flight = plain.in_flight()
         killed_at = time.monotonic()
         ray.kill(actor, no_restart=True)
         recovery_s = _wait_until_serving(url, killed_at)
         # Keep the load on a while after recovery: failures must not go on.
         time.sleep(5)
-    finally:
-        load.stop()
     _, new_name = _replica(deployment)
-    failed = [c for c in load.calls if c.status != 200]
+    failed = [o for o in plain.outcomes if o.status != 200]
+    retried_ok = sum(o.status == 200 for o in retrying.outcomes)
+    lost = [o for o in retrying.outcomes if o.status != 200]
     print(
-        f"\nkill {deployment}: {len(load.calls)} plain calls, {in_flight} in flight at the "
-        f"kill, {len(failed)} failed {sorted({c.status for c in failed})}; recovered "
-        f"in {recovery_s:.1f}s; retrying client: {load.retried_ok} ok, "
-        f"{load.retried_lost} lost, {load.retries} retries "
-        f"({load.proxy_5xx_retries} after a proxy 5xx)\n"
-        f"  failure bodies: {sorted({c.error for c in failed})}"
+        f"\nkill {deployment}: {len(plain.outcomes)} plain calls, {in_flight} in flight at the "
+        f"kill, {len(failed)} failed {sorted({o.status for o in failed})}; recovered "
+        f"in {recovery_s:.1f}s; retrying client: {retried_ok} ok, {len(lost)} lost, "
+        f"{sum(o.attempts - 1 for o in retrying.outcomes)} retries\n"
+        f"  failure bodies: {sorted({o.error for o in failed})}"
     )
     assert new_name != name, "the killed replica was not replaced"
     # Only requests already in flight at the kill may fail; later ones wait for the
     # replacement replica (Serve queues them) instead of failing.
     assert len(failed) <= in_flight, (in_flight, failed[:5])
-    assert load.retried_lost == 0 and load.retried_ok > 0
+    # The last call may have been cut short by the end of the load, not lost.
+    assert retried_ok > 0 and all(o.status == 200 for o in retrying.outcomes[:-1]), lost
 
 
 # -- Broken model files: clear errors at start ------------------------------------

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from PIL import Image
 
+from conftest import load_image
 from deployments.bench import gpu as gpu_bench
 from deployments.errors import ModelUnavailable
 from deployments.graph import IMAGE_INPUT, to_fp16, with_preprocessing
@@ -48,7 +48,7 @@ U2NETP = MODEL_TABLE["u2netp"]
 
 
 def fixture_inputs(spec: ModelSpec) -> list[npt.NDArray[np.uint8]]:
-    return [model_input(Image.open(p), spec.size) for p in sorted(FIXTURES.glob("*.jpg"))]
+    return [model_input(load_image(p), spec.size) for p in sorted(FIXTURES.glob("*.jpg"))]
 
 
 # -- Providers and the arena limit ---------------------------------------------------

@@ -100,6 +100,12 @@ def test_serve_configs_pass_ray_and_our_schemas(config: Any) -> None:
             assert autoscaling.get("min_replicas", 1) >= 1
 
 
+def test_gpu_overrides_apply_to_every_model_deployment() -> None:
+    for name in ("Model_u2netp", "Model_isnet-general-use", "Model_birefnet-general"):
+        assert gpu_config.gpu_override(name) == gpu_config.GPU_MODEL
+    assert gpu_config.gpu_override("Ingress") == gpu_config.GPU_INGRESS
+
+
 def test_gpu_config_batches_fit_in_flight() -> None:
     for deployment in serve_config_v2()["applications"][0]["deployments"]:
         if "user_config" in deployment:

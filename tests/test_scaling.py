@@ -13,13 +13,10 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,8 @@ import ray
 import yaml
 from ray import serve
 
-from conftest import ROOT, free_port, gradient, image_bytes
+from conftest import ROOT, free_port, gradient, image_bytes, serve_config
+from deployments.bench.harness import Load
 from deployments.errors import ModelUnavailable
 from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file, spec_for
@@ -116,20 +114,12 @@ def local_serve(tmp: Path, num_cpus: int, num_gpus: int = 0) -> Iterator[LocalSe
 def edited_config(port: int, **model: Any) -> dict[str, Any]:
     """serve_config.yaml on a free loopback port, CPU replicas of one core each,
     with ``model`` merged into the model deployment's options (None removes one)."""
-    config: dict[str, Any] = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"].update(host="127.0.0.1", port=port)
-    app = config["applications"][0]
-    app["args"].update(device="cpu", num_cpus=1)
-    for deployment in app["deployments"]:
-        if deployment["name"] == MODEL:
-            for key, value in model.items():
-                if value is None:
-                    deployment.pop(key, None)
-                elif isinstance(value, dict) and isinstance(deployment.get(key), dict):
-                    deployment[key] = {**deployment[key], **value}
-                else:
-                    deployment[key] = value
-    return config
+    return serve_config(
+        port,
+        args={"device": "cpu", "num_cpus": 1},
+        deployments={MODEL: model},
+        top={"http_options": {"host": "127.0.0.1"}},
+    )
 
 
 def app_status() -> str | None:
@@ -180,35 +170,9 @@ def timed_remove(client: httpx.Client) -> float:
     return time.perf_counter() - started
 
 
-@dataclass
-class Load:
-    """Clients posting images in a loop until stopped; every status is counted."""
-
-    url: str
-    clients: int
-    statuses: Counter[int] = field(default_factory=Counter)
-    stop: threading.Event = field(default_factory=threading.Event)
-    pool: ThreadPoolExecutor | None = None
-
-    def _loop(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=120) as client:
-            while not self.stop.is_set():
-                try:
-                    self.statuses[remove(client)] += 1
-                except httpx.HTTPError as exc:
-                    self.statuses[-1] += 1
-                    print("request failed:", repr(exc))
-
-    def __enter__(self) -> Load:
-        self.pool = ThreadPoolExecutor(self.clients)
-        for _ in range(self.clients):
-            self.pool.submit(self._loop)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        assert self.pool is not None
-        self.pool.shutdown(wait=True)
+def load(url: str, clients: int) -> Load:
+    """``clients`` clients posting a small image until the block ends."""
+    return Load(url, {"gradient.png": IMAGE}, clients)
 
 
 @pytest.mark.slow
@@ -239,10 +203,11 @@ def test_burst_scales_model_replicas_up_then_back_to_one_warm(tmp_path: Path) ->
             steady = statistics.median(timed_remove(client) for _ in range(5))
 
         counts: list[int] = []
-        with Load(cluster.url, clients=12) as load:
+        with load(cluster.url, clients=12) as running:
             grew_s = wait_for(lambda: counts.append(replicas()) or counts[-1] > 1, 300, "scale up")
-        assert load.statuses[200] > 0
-        assert set(load.statuses) == {200}, f"non-200 answers under load: {load.statuses}"
+        statuses = running.statuses()
+        assert statuses[200] > 0
+        assert set(statuses) == {200}, f"non-200 answers under load: {statuses}"
 
         # Load is off: Serve comes back down to min_replicas, never below.
         shrank_s = wait_for(lambda: counts.append(replicas()) or counts[-1] == 1, 300, "scale down")

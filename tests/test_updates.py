@@ -15,9 +15,9 @@ import pytest
 from ray import serve
 from test_scaling import (
     MODEL,
-    Load,
     LocalServe,
     edited_config,
+    load,
     local_serve,
     replicas,
     wait_for,
@@ -55,9 +55,9 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
         before = model_info(cluster)
         assert before["file"] == "u2netp.onnx" and before["model_version"] is None
 
-        with Load(cluster.url, clients=4) as load:
-            wait_for(lambda: load.statuses[200] >= 5, 120, "load running")
-            before_update = load.statuses[200]
+        with load(cluster.url, clients=4) as running:
+            wait_for(lambda: running.statuses()[200] >= 5, 120, "load running")
+            before_update = running.statuses()[200]
             # Returns once the app is RUNNING again: reconfigure() has swapped.
             cluster.deploy(
                 edited_config(
@@ -75,13 +75,13 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
                 300,
                 "new model serving",
             )
-            at_swap = load.statuses[200]
+            at_swap = running.statuses()[200]
             # Requests kept being answered while the new session loaded and warmed.
             assert at_swap > before_update
-            wait_for(lambda: load.statuses[200] >= at_swap + 5, 120, "load after the swap")
+            wait_for(lambda: running.statuses()[200] >= at_swap + 5, 120, "load after the swap")
         after = model_info(cluster)
-        print(f"answers {dict(load.statuses)}; swap seen after {swap_s:.1f}s")
-        assert set(load.statuses) == {200}, f"answers other than 200: {load.statuses}"
+        print(f"answers {dict(running.statuses())}; swap seen after {swap_s:.1f}s")
+        assert set(running.statuses()) == {200}, f"answers other than 200: {running.statuses()}"
         assert after["file"] == "u2netp-v2.onnx"
         assert after["max_batch_size"] == 4 and 4 in after["batch_shapes"]
         # reconfigure() swapped the session inside the same replica.
@@ -102,14 +102,14 @@ def test_scale_down_drains_in_flight_requests(tmp_path: Path) -> None:
 
         # Eight clients keep both replicas' queues busy, so the one that stops
         # has requests in flight when it is told to go.
-        with Load(cluster.url, clients=8) as load:
-            wait_for(lambda: load.statuses[200] >= 10, 120, "load running")
+        with load(cluster.url, clients=8) as running:
+            wait_for(lambda: running.statuses()[200] >= 10, 120, "load running")
             cluster.deploy(edited_config(port, num_replicas=1, **fixed))
             drained_s = wait_for(lambda: states() == {"RUNNING": 1}, grace + 60, "drained")
-            at_drain = load.statuses[200]
-            wait_for(lambda: load.statuses[200] >= at_drain + 5, 120, "load after drain")
-        print(f"answers {dict(load.statuses)}; one replica left after {drained_s:.1f}s")
-        assert set(load.statuses) == {200}, f"answers other than 200: {load.statuses}"
+            at_drain = running.statuses()[200]
+            wait_for(lambda: running.statuses()[200] >= at_drain + 5, 120, "load after drain")
+        print(f"answers {dict(running.statuses())}; one replica left after {drained_s:.1f}s")
+        assert set(running.statuses()) == {200}, f"answers other than 200: {running.statuses()}"
 
 
 def states() -> dict[str, int]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, OUTPUT, Service
+from conftest import FIXTURES, OUTPUT, Service, load_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CAR = FIXTURES / "car-1.jpg"
@@ -96,7 +96,7 @@ def test_upload_see_and_download_the_cutout(
         context.close()
 
     cut = Image.open(io.BytesIO(saved.read_bytes()))
-    assert cut.format == "PNG" and cut.mode == "RGBA" and cut.size == Image.open(CAR).size
+    assert cut.format == "PNG" and cut.mode == "RGBA" and cut.size == load_image(CAR).size
     alpha = np.asarray(cut.getchannel("A"))
     assert (alpha == 0).mean() > 0.1, "no transparent background"
     assert (alpha >= 240).mean() > 0.1, "no opaque foreground"

@@ -215,6 +215,8 @@ class Outcome:
     image: str = ""
     retry_after: str | None = None
     error: str = ""
+    # Sends it took (more than one only for a retrying client).
+    attempts: int = 1
 
     @property
     def seconds(self) -> float:
@@ -241,7 +243,11 @@ class Load:
 
     Runs until ``total`` requests were sent, ``seconds`` passed or ``stop()``. A
     client that gets a 503 waits ``after_503_s`` (None: the Retry-After it was
-    given) before its next request. Every answer is kept as an ``Outcome``.
+    given, at most ``max_wait_s``) before its next request. A ``retrying`` client
+    sends the same image again after a 503, a connection error or a 5xx that is not
+    this service's JSON (Serve's proxy answers a plain 500 for a request whose
+    ingress replica died under it), up to 60 times: removing a background is
+    idempotent. Every final answer is kept as an ``Outcome``.
     """
 
     def __init__(
@@ -255,6 +261,8 @@ class Load:
         after_503_s: float | None = None,
         send: Send = post_raw,
         timeout_s: float = 120,
+        retrying: bool = False,
+        max_wait_s: float = 30,
     ) -> None:
         self.url = url
         self.items = list(images.items())
@@ -264,6 +272,8 @@ class Load:
         self.after_503_s = after_503_s
         self.send = send
         self.timeout_s = timeout_s
+        self.retrying = retrying
+        self.max_wait_s = max_wait_s
         self.outcomes: list[Outcome] = []
         self.stopped = threading.Event()
         self.lock = threading.Lock()
@@ -289,21 +299,38 @@ class Load:
                 started = time.perf_counter()
                 with self.lock:
                     self.current[index] = started
-                try:
-                    response = self.send(client, name, data)
-                    status, retry_after = response.status_code, response.headers.get("retry-after")
-                    error = "" if status == 200 else response.text[:300]
-                except httpx.HTTPError as exc:
-                    status, retry_after, error = 0, None, repr(exc)
-                outcome = Outcome(status, started, time.perf_counter(), name, retry_after, error)
+                attempts = 0
+                while True:
+                    attempts += 1
+                    status, retry_after, error, again = self._send(client, name, data)
+                    if not (self.retrying and again) or attempts >= 60 or self.stopped.is_set():
+                        break
+                    self.stopped.wait(min(float(retry_after or 0.5), 1.0))
+                outcome = Outcome(
+                    status, started, time.perf_counter(), name, retry_after, error, attempts
+                )
                 with self.lock:
                     del self.current[index]
                     self.outcomes.append(outcome)
-                if status == 503:
+                if status == 503 and not self.retrying:
                     wait = self.after_503_s
                     if wait is None:
                         wait = float(retry_after) if retry_after else 1.0
-                    self.stopped.wait(wait)
+                    self.stopped.wait(min(wait, self.max_wait_s))
+
+    def _send(
+        self, client: httpx.Client, name: str, data: bytes
+    ) -> tuple[int, str | None, str, bool]:
+        """(status, Retry-After, error text, whether a retrying client sends again)."""
+        try:
+            response = self.send(client, name, data)
+        except httpx.HTTPError as exc:
+            return 0, None, repr(exc), True
+        status, retry_after = response.status_code, response.headers.get("retry-after")
+        error = "" if status == 200 else response.text[:300]
+        ours = response.headers.get("content-type") == "application/json"
+        again = status == 503 or (status >= 500 and not ours)
+        return status, retry_after, error, again
 
     def start(self) -> Load:
         self.started = time.perf_counter()
