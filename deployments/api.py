@@ -8,6 +8,8 @@ work is the service's. Imports no Ray.
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -35,6 +37,11 @@ STATIC = Path(__file__).parent / "static"
 
 class RemoveService(Protocol):
     """What the routes need from the service behind them."""
+
+    def admitted(self) -> AbstractAsyncContextManager[None]:
+        """Admission for one request; raises ``Overloaded`` (503) when it cannot be
+        served in time. Entered before the body is read."""
+        ...
 
     async def remove(self, job: Job) -> Served: ...
 
@@ -64,7 +71,12 @@ _IMAGE_HEADERS = {
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": responses.ErrorBody, "description": "A JSON error"}
-    for status in (400, 401, 404, 413, 415, 500, 503)
+    for status in (400, 401, 404, 413, 415, 500)
+}
+_ERRORS[503] = {
+    "model": responses.ErrorBody,
+    "description": "Overloaded: retry after the Retry-After header's seconds",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
 }
 
 
@@ -121,6 +133,10 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             raise Unauthorized("a valid API key is required (X-API-Key header)")
 
+    async def admitted() -> AsyncIterator[None]:
+        async with service.admitted():
+            yield
+
     def image(served: Served) -> Response:
         return Response(
             served.body,
@@ -135,7 +151,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.post(
         "/api/remove",
         summary="Remove the background (rembg-compatible)",
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(authorize), Depends(admitted)],
         response_class=Response,
         responses=_image_responses(("png",)),
         openapi_extra={
@@ -167,7 +183,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.post(
         "/remove",
         summary="Remove the background (raw body or multipart)",
-        dependencies=[Depends(authorize)],
+        dependencies=[Depends(authorize), Depends(admitted)],
         response_class=Response,
         responses=_image_responses(("png", "webp")),
         openapi_extra={

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -52,6 +54,15 @@ class Limits:
             raise ValueError(f"max_pixels may be at most {MAX_IMAGE_PIXELS}")
 
 
+def probe(data: bytes, limits: Limits) -> tuple[int, int]:
+    """The image's (width, height) from its header alone, checked against ``limits``.
+
+    Nothing is decoded; raises what ``decode`` would for a bad or too large image.
+    """
+    with _translated(limits):
+        return _open(data, limits).size
+
+
 def decode(data: bytes, limits: Limits) -> Image.Image:
     """Open ``data`` as an image in mode RGB or RGBA, EXIF orientation applied.
 
@@ -59,16 +70,29 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
     are converted; RGB and RGBA are kept as they are, as rembg keeps them.
     Raises ``UnsupportedImage`` (415) or ``PayloadTooLarge`` (413).
     """
+    with _translated(limits):
+        img = _open(data, limits)
+        img.load()
+        # In place: no copy when there is nothing to rotate (the usual case).
+        ImageOps.exif_transpose(img, in_place=True)
+        # Inside the translation: some modes (LAB from a TIFF, odd 16-bit layouts)
+        # only fail here, and that is still the upload's fault, not ours.
+        return _to_rgb_or_rgba(img)
+
+
+def _open(data: bytes, limits: Limits) -> Image.Image:
     if not data:
         raise UnsupportedImage("the request body is empty; send an image")
+    img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    _check_size(img.size, limits)
+    return img
+
+
+@contextmanager
+def _translated(limits: Limits) -> Iterator[None]:
+    """Pillow's exceptions for bad input, as the service's 413 and 415."""
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        _check_size(img.size, limits)
-        img.load()
-        upright = ImageOps.exif_transpose(img)
-        # Inside the try: some modes (LAB from a TIFF, odd 16-bit layouts)
-        # only fail here, and that is still the upload's fault, not ours.
-        return _to_rgb_or_rgba(upright)
+        yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"the image has too many pixels (limit {limits.max_pixels})") from exc
     except UnidentifiedImageError as exc:
@@ -113,10 +137,14 @@ def _to_rgb_or_rgba(img: Image.Image) -> Image.Image:
 
 def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them,
-    # which turns most 16-bit photos white; scale the full range down instead.
-    values = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+    # which turns most 16-bit photos white; scale the full range down instead,
+    # in 4-byte integers (or float32 for float images), never float64.
     if img.mode == "F":
-        top = max(float(values.max()), 1.0) if values.max() > 1 else 1.0
-    gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        values = np.asarray(img, dtype=np.float32)
+        top = max(float(values.max()), 1.0)
+        gray = np.clip(np.rint(values * np.float32(255.0 / top)), 0, 255).astype(np.uint8)
+    else:
+        values = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        top = 65535 if img.mode.startswith("I;16") or values.max() > 255 else 255
+        gray = ((values * 255 + top // 2) // top).astype(np.uint8)
     return Image.fromarray(gray).convert("RGB")

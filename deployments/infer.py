@@ -130,6 +130,9 @@ class OnnxModel:
             raise ModelUnavailable(
                 f"model {spec.name!r} could not be loaded from {path}: {exc}"
             ) from exc
+        # ONNX Runtime would otherwise move a session whose provider fails at run
+        # time to the CPU for good, in silence; here such a run fails instead.
+        self.session.disable_fallback()
         self.provider = self.session.get_providers()[0]
         if runtime.use_gpu and self.provider != CUDA:
             raise ModelUnavailable(
@@ -159,6 +162,11 @@ class OnnxModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.runtime.intra_op_threads
         options.inter_op_num_threads = 1
+        # ONNX Runtime keeps its memory pattern (buffers planned per input shape)
+        # per calling thread: measured with u2netp at batch 4, a second thread
+        # running the session took +770 MB; without the pattern +17 MB, at the
+        # same speed on the CPU (1.50 images/s either way).
+        options.enable_mem_pattern = False
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.runtime.allow_spinning else "0"
         )
@@ -233,20 +241,21 @@ class OnnxModel:
         try:
             return self._run(padded)[:n]
         except Exception as exc:
-            if not is_out_of_memory(exc) or n == 1:
+            smaller = [b for b in self.buckets if b < shape]
+            if not is_out_of_memory(exc) or not smaller:
                 raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
-            # Out of device memory: retry at half size rather than fail the batch.
-            half = n // 2
+            # Out of device memory: run the same images again in smaller shapes, all of
+            # them warmed ones (a new shape would start cuDNN's timed search, which
+            # needs workspace just when memory is short).
+            plan = plan_chunks(n, smaller, self.runtime.use_gpu)
             logger.warning(
-                "model %s: out of memory at batch %d; retrying as %d + %d",
+                "model %s: out of memory at batch shape %d; retrying as %s",
                 self.spec.name,
-                n,
-                half,
-                n - half,
+                shape,
+                "+".join(str(s) for _, s in plan),
             )
-            return np.concatenate(
-                [
-                    self._run_chunk(chunk[:half], half),
-                    self._run_chunk(chunk[half:], n - half),
-                ]
-            )
+            parts, start = [], 0
+            for take, sub_shape in plan:
+                parts.append(self._run_chunk(chunk[start : start + take], sub_shape))
+                start += take
+            return np.concatenate(parts)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
 
@@ -19,14 +21,18 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeStatus
 
 from deployments.api import HttpSettings, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
 from deployments.service import Job, Remover, Served
-from deployments.settings import AppSettings
+from deployments.settings import AppSettings, deployment_name
 
 logger = logging.getLogger("ray.serve")
+
+# How old Serve's status may be when /healthz answers from it.
+_STATUS_S = 1.0
 
 
 def service_error_from(exc: BaseException) -> ServiceError:
@@ -87,6 +93,10 @@ class Ingress:
         threads = self.settings.ingress_threads or os.cpu_count() or 2
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
         self.remover = Remover(self.settings, predictors, threads)
+        self.app_name = serve.get_replica_context().app_name
+        self._status: tuple[float, ServeStatus] | None = None
+        self._status_task: asyncio.Future[ServeStatus] | None = None
+        self._infos: dict[str, dict[str, Any]] = {}
         await self.remover.warm_up()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -118,27 +128,58 @@ class Ingress:
         )
         return served
 
-    async def _model_infos(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any] | None]:
-        async def one(handle: DeploymentHandle) -> dict[str, Any] | None:
-            try:
-                info: dict[str, Any] = await asyncio.wait_for(handle.info.remote(), timeout_s)
-                return info
-            except Exception:
-                return None
+    def admitted(self) -> AbstractAsyncContextManager[None]:
+        return self.remover.admitted()
 
-        infos = await asyncio.gather(*(one(h) for h in self.handles.values()))
-        return dict(zip(self.handles, infos, strict=True))
+    async def _serve_status(self) -> ServeStatus:
+        """Serve's own view of the app (from its controller), at most ``_STATUS_S`` old.
+
+        One request to the controller at a time; concurrent probes share it.
+        """
+        if self._status is None or time.monotonic() - self._status[0] > _STATUS_S:
+            if self._status_task is None:
+                self._status_task = asyncio.ensure_future(asyncio.to_thread(serve.status))
+            task = self._status_task
+            try:
+                self._status = (time.monotonic(), await task)
+            finally:
+                if self._status_task is task:
+                    self._status_task = None
+        return self._status[1]
 
     async def health(self) -> dict[str, bool]:
-        infos = await self._model_infos()
-        return {name: info is not None for name, info in infos.items()}
+        """Per model: does at least one of its replicas run, in Serve's own status.
 
-    async def models(self) -> dict[str, Any]:
-        infos = await self._model_infos()
-        return {
-            "default": self.settings.default_model_name,
-            "models": [
-                info if info is not None else {"name": name, "ready": False}
-                for name, info in infos.items()
-            ],
-        }
+        Asked of Serve's controller, not of the model replicas: a probe never waits
+        in a busy model's queue, so busy reads as up and only a model with no
+        running replica reads as down.
+        """
+        try:
+            app = (await self._serve_status()).applications[self.app_name]
+        except Exception as exc:
+            logger.warning("serve status unavailable: %r", exc)
+            return dict.fromkeys(self.handles, False)
+        up = {}
+        for name in self.handles:
+            deployment = app.deployments.get(deployment_name(name))
+            running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+            up[name] = running > 0
+        return up
+
+    async def models(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """What each model's replica says of itself, or its last answer while it is
+        too busy to say (marked ``stale``), or that it is not ready."""
+
+        async def one(name: str, handle: DeploymentHandle) -> dict[str, Any]:
+            try:
+                info: dict[str, Any] = await asyncio.wait_for(handle.info.remote(), timeout_s)
+            except Exception as exc:
+                last = self._infos.get(name)
+                if last is None:
+                    return {"name": name, "ready": False, "reason": type(exc).__name__}
+                return {**last, "stale": True}
+            self._infos[name] = info
+            return info
+
+        infos = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
+        return {"default": self.settings.default_model_name, "models": list(infos)}

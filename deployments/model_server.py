@@ -1,26 +1,32 @@
 """The model deployment: one model's ONNX Runtime session, warm before ready, batched.
 
-``ModelServer`` loads and warms its session, applies ``user_config`` live in
-``reconfigure`` and groups concurrent requests with ``@serve.batch``: each takes a
-model-size uint8 image (decoded and resized by the ingress) and gets its mask.
+``ModelServer`` loads and warms its session when Serve first hands it its
+``user_config`` (before the replica reports ready), applies later ``user_config``
+changes live in ``reconfigure`` and groups concurrent requests with
+``@serve.batch``: each takes a model-size uint8 image (decoded and resized by the
+ingress) and gets its mask. Every session run happens on one dedicated thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from deployments.errors import ServiceError
+from deployments.errors import InferenceFailed, ServiceError
 from deployments.infer import OnnxModel
 from deployments.metrics import ModelMetrics
 from deployments.models import resolve_model_file, spec_for
@@ -29,7 +35,12 @@ from deployments.settings import LiveModelConfig, ModelConfig
 
 logger = logging.getLogger("ray.serve")
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 _DEFAULTS = LiveModelConfig()
+# A batch served this recently proves the session runs: no health probe needed.
+_PROVEN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,22 @@ class Resources:
         return cls(cpus, tuple(str(g) for g in ray.get_gpu_ids()))
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """The session serving now and where it came from."""
+
+    model: OnnxModel
+    path: Path
+    version: str | None
+
+
+def _replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except RayServeException:  # not in a replica (the benchmark's in-process run)
+        return "in-process"
+
+
 @serve.deployment(name="Model")
 class ModelServer:
     """One model's ONNX Runtime session, warm before ready, batched with Serve."""
@@ -62,34 +89,41 @@ class ModelServer:
     def __init__(
         self, model: dict[str, Any], num_gpus: float, resources: Resources | None = None
     ) -> None:
-        config = ModelConfig.model_validate(model)
+        self.config = ModelConfig.model_validate(model)
+        self.name = self.config.name
+        self.spec = spec_for(self.name)
+        self.num_gpus = num_gpus
         # In a replica, from Ray; the benchmark runs this class in process and says.
         self.resources = resources or Resources.of_this_replica()
-        self.name = config.name
-        self.spec = spec_for(config.name)
-        self.num_gpus = num_gpus
-        self.config = config
-        self.live = LiveModelConfig()
+        self.live = _DEFAULTS
+        # Loaded by the first reconfigure(): Serve calls it with this deployment's
+        # user_config right after __init__ and before the replica reports ready,
+        # so a (re)started replica loads the file its user_config names, once.
+        self.loaded: Loaded | None = None
+        self.last_reconfigure_error: dict[str, Any] | None = None
+        self.replica = _replica_id()
         self.last_ok = 0.0
         self.batch_sizes: Counter[int] = Counter()
         self.metrics = ModelMetrics()
+        # Every session run (batches, single retries, health probes, warm-ups of new
+        # shapes) on this one thread: runs never overlap on the session, and ONNX
+        # Runtime's own intra-op threads are the only parallelism.
+        self.runner = ThreadPoolExecutor(1, thread_name_prefix="inference")
         # Set while no batch runs. Requests that arrive during a batch wait here and
         # enter @serve.batch together when it ends, so that the next batch forms when
         # the model is free instead of on the batch timer while it is busy.
         self.model_free = asyncio.Event()
         self.model_free.set()
-        # Shape 1 here; reconfigure() warms every shape up to user_config's
-        # max_batch_size, and Serve calls it before the replica reports ready.
-        self.model, self.path = self._load(config.path, 1)
-        logger.info(
-            "model loaded: %s on %s (load %.2fs, warm-up %.2fs, shapes %s, batched %s)",
-            self.name,
-            self.model.provider,
-            self.model.report.load_s,
-            self.model.report.warmup_s,
-            self.model.report.shapes,
-            self.model.batchable,
-        )
+
+    @property
+    def model(self) -> OnnxModel:
+        if self.loaded is None:
+            raise InferenceFailed(f"model {self.name} is not loaded")
+        return self.loaded.model
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.runner, lambda: fn(*args, **kwargs))
 
     def _load(self, path: Path | None, max_batch_size: int) -> tuple[OnnxModel, Path]:
         runtime = runtime_for(
@@ -103,35 +137,66 @@ class ModelServer:
         return OnnxModel(resolved, self.spec, runtime, max_batch_size), resolved
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        live = LiveModelConfig.model_validate(user_config)
+        """Apply ``user_config``; on a live replica a failure keeps what serves now.
+
+        Serve stops a replica whose reconfigure raises, and starts replacements that
+        fail the same way: a typo in ``model_path`` would take the model down. So
+        once a session serves, a config that cannot be applied (unknown keys, a
+        missing or corrupt file, no memory for a second session) is logged, shown
+        in ``info()`` as ``last_reconfigure_error`` and otherwise ignored. Only the
+        first load, with nothing serving yet, fails the replica's start.
+        """
+        if self.loaded is None:
+            await self._apply(LiveModelConfig.model_validate(user_config))
+            return
+        try:
+            await self._apply(LiveModelConfig.model_validate(user_config))
+        except Exception as exc:
+            # The full error (paths included) goes to the replica's log; /models is
+            # public and shows only its kind.
+            logger.exception("model %s: reconfigure failed; serving as before", self.name)
+            self.last_reconfigure_error = {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "error": type(exc).__name__,
+                "model_version": user_config.get("model_version"),
+            }
+        else:
+            self.last_reconfigure_error = None
+
+    async def _apply(self, live: LiveModelConfig) -> None:
         started = time.perf_counter()
-        source_changed = (live.model_path, live.model_version) != (
+        loaded = self.loaded
+        if loaded is None or (live.model_path, live.model_version) != (
             self.live.model_path,
             self.live.model_version,
-        )
-        if source_changed:
-            # Load and warm the new session while the old one keeps serving, then
-            # swap: batches already running finish on the old session.
-            model, path = await asyncio.to_thread(
-                self._load, live.model_path or self.config.path, live.max_batch_size
-            )
-            self.model, self.path = model, path
+        ):
+            source = live.model_path or self.config.path
+            if loaded is None:
+                # Nothing serves yet: load and warm on the inference thread itself.
+                model, path = await self._run(self._load, source, live.max_batch_size)
+            else:
+                # Load and warm the new session beside the old one, which keeps
+                # serving on the inference thread; then swap: batches already
+                # running finish on the old session.
+                model, path = await asyncio.to_thread(self._load, source, live.max_batch_size)
+            self.loaded = Loaded(model, path, live.model_version)
             logger.info(
-                "model %s: swapped to %s (version %s) in %.2fs",
+                "model %s: %s %s (version %s) on %s in %.2fs (load %.2fs, warm-up %.2fs, "
+                "shapes %s, batched %s)",
                 self.name,
+                "loaded" if loaded is None else "swapped to",
                 path.name,
                 live.model_version,
+                model.provider,
                 time.perf_counter() - started,
+                model.report.load_s,
+                model.report.warmup_s,
+                model.report.shapes,
+                model.batchable,
             )
         else:
             # Warm any new batch shape before the knob lets a batch that size form.
-            await asyncio.to_thread(self.model.warm, live.max_batch_size)
-        logger.info(
-            "model %s: warm at batch shapes %s (%.2fs)",
-            self.name,
-            self.model.buckets,
-            time.perf_counter() - started,
-        )
+            await self._run(loaded.model.warm, live.max_batch_size)
         self._predict_batch.set_max_batch_size(live.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(live.batch_wait_timeout_s)
         self.live = live
@@ -144,17 +209,19 @@ class ModelServer:
     async def _predict_batch(
         self, items: list[Pending]
     ) -> list[npt.NDArray[np.uint8] | ServiceError]:
+        """One session run for the batch; exactly one result (mask or error) per item."""
         started = time.monotonic()
         images = [item.image for item in items]
         self.batch_sizes[len(images)] += 1
         self.model_free.clear()
         try:
-            masks = await asyncio.to_thread(self.model.predict, images)
-        except ServiceError as exc:
-            if len(images) == 1:
-                return [exc]
+            results: list[npt.NDArray[np.uint8] | ServiceError] = list(
+                await self._run(self.model.predict, images)
+            )
+        except Exception as exc:
+            logger.warning("model %s: batch of %d failed: %r", self.name, len(images), exc)
             # Isolate the image that broke the batch: its batchmates still succeed.
-            return [await self._predict_one(image) for image in images]
+            results = [await self._predict_one(image) for image in images]
         finally:
             self.model_free.set()
         self.last_ok = time.monotonic()
@@ -172,18 +239,28 @@ class ModelServer:
                 "inference_ms": round((self.last_ok - started) * 1000, 1),
             },
         )
-        return list(masks)
+        return results
 
     async def _predict_one(
         self, image: npt.NDArray[np.uint8]
     ) -> npt.NDArray[np.uint8] | ServiceError:
         try:
-            return (await asyncio.to_thread(self.model.predict, [image]))[0]
+            return (await self._run(self.model.predict, [image]))[0]
         except ServiceError as exc:
             return exc
+        except Exception as exc:
+            logger.error("model %s: inference failed: %r", self.name, exc)
+            return InferenceFailed("inference failed")
 
     async def predict(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """One model-size uint8 (H, W, 3) image -> its uint8 (H, W) mask."""
+        width, height = self.spec.size
+        if image.dtype != np.uint8 or image.shape != (height, width, 3):
+            # Checked here, before the batch: a malformed input never reaches its batchmates.
+            raise InferenceFailed(
+                f"model {self.name} takes uint8 ({height}, {width}, 3) images, "
+                f"got {image.dtype} {image.shape}"
+            )
         arrived = time.monotonic()
         await self.model_free.wait()
         result = await self._predict_batch(Pending(image, arrived))
@@ -193,29 +270,42 @@ class ModelServer:
         return mask
 
     async def check_health(self) -> None:
-        # A batch served recently proves the session runs; otherwise probe it.
-        if time.monotonic() - self.last_ok < 30:
+        """Healthy while it can serve: loaded, and busy or proven by a recent batch.
+
+        A batch running now is proof enough (and a probe would only queue behind
+        it); an idle replica with no batch for ``_PROVEN_S`` runs a probe image.
+        """
+        model = self.model
+        if not self.model_free.is_set() or time.monotonic() - self.last_ok < _PROVEN_S:
             return
         width, height = self.spec.size
-        probe = np.zeros((height, width, 3), dtype=np.uint8)
-        await asyncio.to_thread(self.model.predict, [probe])
+        await self._run(model.predict, [np.zeros((height, width, 3), dtype=np.uint8)])
         self.last_ok = time.monotonic()
 
     async def info(self) -> dict[str, Any]:
+        loaded = self.loaded
+        if loaded is None:
+            return {"name": self.name, "ready": False, "replica": self.replica}
+        model = loaded.model
         return {
             "name": self.name,
-            "file": self.path.name,
+            "ready": True,
+            "replica": self.replica,
+            "pid": os.getpid(),
+            "file": loaded.path.name,
+            "model_version": loaded.version,
             "input_size": list(self.spec.size),
-            "device": "gpu" if self.model.runtime.use_gpu else "cpu",
-            "provider": self.model.provider,
-            "intra_op_threads": self.model.runtime.intra_op_threads,
-            "batched": self.model.batchable,
-            "batch_shapes": self.model.buckets,
+            "device": "gpu" if model.runtime.use_gpu else "cpu",
+            "provider": model.provider,
+            "intra_op_threads": model.runtime.intra_op_threads,
+            "batched": model.batchable,
+            "batch_shapes": model.buckets,
             "max_batch_size": self.live.max_batch_size,
             "batch_wait_timeout_s": self.live.batch_wait_timeout_s,
-            "model_version": self.live.model_version,
             # Batches this replica formed, by size, since it started.
             "batch_sizes_formed": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "load_s": round(self.model.report.load_s, 3),
-            "warmup_s": round(self.model.report.warmup_s, 3),
+            "busy": not self.model_free.is_set(),
+            "load_s": round(model.report.load_s, 3),
+            "warmup_s": round(model.report.warmup_s, 3),
+            "last_reconfigure_error": self.last_reconfigure_error,
         }

@@ -9,6 +9,7 @@ is downloaded here at serve time: ``rembg-serve fetch`` does that ahead of time.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -101,19 +102,24 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _rembg_candidates(name: str) -> list[Path]:
-    # rembg keeps its store layout (per-model folder, then the legacy flat one)
-    # in its session classes; ask them rather than repeating it here.
-    from rembg.sessions import sessions
+def store_candidates(name: str) -> list[Path]:
+    """Where rembg's own store keeps ``name``'s file: its folder, then the legacy one.
 
-    session_class = sessions.get(name)
-    if session_class is None:
-        return []
+    rembg 2.0.86's layout (``BaseSession.model_dir`` and ``legacy_home``), written
+    out: importing rembg would import ``rembg.bg`` and compile pymatting's numba
+    code, tens of seconds on a fresh machine, on the way to every replica's ready.
+    tests/test_stages.py checks it against rembg's own classes.
+    """
+    env = os.environ.get
+    xdg = env("XDG_DATA_HOME")
+    legacy = Path(env("U2NET_HOME") or os.path.join(xdg or "~", ".u2net")).expanduser()
+    if env("U2NET_HOME"):
+        home = legacy
+    else:
+        default = os.path.join(xdg, "rembg") if xdg else os.path.join("~", ".rembg")
+        home = Path(env("REMBG_HOME") or default).expanduser()
     fname = f"{name}.onnx"
-    return [
-        Path(session_class.model_dir()) / fname,
-        Path(session_class.legacy_home()) / fname,
-    ]
+    return [home / "models" / name / fname, legacy / fname]
 
 
 def resolve_model_file(name: str, path: Path | None = None) -> Path:
@@ -125,7 +131,7 @@ def resolve_model_file(name: str, path: Path | None = None) -> Path:
     if path is not None:
         candidates = [path.expanduser()]
     else:
-        candidates = ([EMBEDDED[name]] if name in EMBEDDED else []) + _rembg_candidates(name)
+        candidates = ([EMBEDDED[name]] if name in EMBEDDED else []) + store_candidates(name)
     for candidate in candidates:
         if candidate.is_file():
             # An explicit path may be a re-export (fp16, a fine-tune): only the

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from deployments.compose import compose, mask_to_size
+from deployments.compose import RefineLimits, compose, mask_to_size
 from deployments.decode import Limits, decode
 from deployments.encode import encode
 from deployments.infer import OnnxModel
@@ -63,8 +63,10 @@ def finish(
     options: CutoutOptions,
     fmt: OutputFormat = "png",
     png_compress_level: int = 1,
+    refine: RefineLimits | None = None,
 ) -> Finished:
-    cutout = compose(image, mask_to_size(mask, image.size), options)
+    """The cut-out of ``image`` along its model-size ``mask``, encoded."""
+    cutout = compose(image, mask_to_size(mask, image.size), options, refine or RefineLimits())
     body = encode(cutout, fmt, png_compress_level)
     return Finished(body=body, width=image.width, height=image.height)
 

@@ -2,18 +2,26 @@
 
 ``Remover`` is what one ingress replica does for each image: ``prepare`` (decode,
 resize to the model size) in its pool, the mask from the model's ``Predict``,
-``finish`` (mask upscale, compose, encode) in its pool. The Serve ingress gives it
-model handles; the benchmark and the tests give it in-process models, so both
+``finish`` (mask upscale, compose, encode) in its pool. Around that it bounds what
+one replica takes on: ``Admission`` refuses at once what could not finish within
+the deadline, ``PixelBudget`` bounds the decoded images held at once, and alpha
+matting and decontamination run on threads of their own. The Serve ingress gives
+it model handles; the benchmark and the tests give it in-process models, so both
 measure the same code. Imports no Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import ParamSpec, TypeVar
@@ -21,7 +29,8 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from deployments.errors import UnknownModel
+from deployments.decode import probe
+from deployments.errors import Overloaded, PayloadTooLarge, UnknownModel
 from deployments.models import spec_for
 from deployments.options import CutoutOptions, OutputFormat
 from deployments.pipeline import finish, prepare, sample_jpeg
@@ -35,6 +44,9 @@ T = TypeVar("T")
 # A model's mask for one model-size uint8 (H, W, 3) image: a Serve handle call,
 # or an in-process model.
 Predict = Callable[[npt.NDArray[np.uint8]], Awaitable[npt.NDArray[np.uint8]]]
+
+# libwebp's limit on either side of an image.
+WEBP_MAX_SIDE = 16383
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,125 @@ class Served:
     timings: Timings
 
 
+class Admission:
+    """Admit a request only if it can finish within the deadline, at the measured rate.
+
+    The rate is this replica's completions per second of *busy* time (time with
+    at least one request in flight), over its last ``window`` completions: it is
+    what the replica does when it has work, whatever the load was. A request that
+    would wait longer than ``deadline_s`` behind the ones in flight is refused at
+    once with ``Overloaded``; its Retry-After is the time the requests in flight
+    now need to drain. (A shorter one, the time until one more could be admitted,
+    brings every refused client back at once: refusals then cost more CPU than
+    the work they make room for.) Until ``window`` completions are in, the rate
+    is ``initial_rate`` (from the warm-up).
+    """
+
+    def __init__(self, deadline_s: float, initial_rate: float, window: int = 32) -> None:
+        self.deadline_s = deadline_s
+        self.initial_rate = initial_rate
+        self.in_flight = 0
+        self._busy_s = 0.0
+        self._busy_since: float | None = None
+        self._completions: deque[float] = deque(maxlen=window)
+
+    def _busy_clock(self) -> float:
+        running = 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
+        return self._busy_s + running
+
+    def rate(self) -> float:
+        """Completions per busy second (the measured one once the window is full)."""
+        done = self._completions
+        if len(done) == done.maxlen and done[-1] > done[0]:
+            return (len(done) - 1) / (done[-1] - done[0])
+        return self.initial_rate
+
+    def expected_s(self) -> float:
+        """How long a request admitted now would take to finish."""
+        return (self.in_flight + 1) / self.rate()
+
+    def admit(self) -> None:
+        """Count a request in, or raise ``Overloaded`` (503) if it would miss the deadline."""
+        expected = self.expected_s()
+        if expected > self.deadline_s and self.in_flight > 0:
+            drain_s = max(1, math.ceil(self.in_flight / self.rate()))
+            raise Overloaded(
+                f"busy: a request now would finish in about {expected:.0f}s, over the "
+                f"{self.deadline_s:.0f}s deadline; retry in {drain_s}s",
+                retry_after_s=drain_s,
+            )
+        if self.in_flight == 0:
+            self._busy_since = time.monotonic()
+        self.in_flight += 1
+
+    def release(self, completed: bool) -> None:
+        """Count a request out; ``completed``: it got its mask (it counts for the rate)."""
+        if completed:
+            self._completions.append(self._busy_clock())
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._busy_since is not None:
+            self._busy_s += time.monotonic() - self._busy_since
+            self._busy_since = None
+
+
+class PixelBudget:
+    """A first-come, first-served semaphore over decoded pixels.
+
+    A request holds its image's pixels from decode to encode; a request that
+    does not fit waits (not decoded: only its compressed bytes are held) until
+    enough is released. One larger than the whole budget waits for all of it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free = capacity
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        amount = min(pixels, self.capacity)
+        if self._waiters or amount > self.free:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter = (amount, future)
+            self._waiters.append(waiter)
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._release(amount)  # granted just as it was cancelled
+                else:
+                    self._waiters.remove(waiter)
+                    self._wake()
+                raise
+        else:
+            self.free -= amount
+        try:
+            yield
+        finally:
+            self._release(amount)
+
+    def _release(self, amount: int) -> None:
+        self.free += amount
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            amount, future = self._waiters.popleft()
+            if future.cancelled():
+                continue
+            self.free -= amount
+            future.set_result(None)
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, where there is one (Linux)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    return None if trim is None else partial(trim, 0)
+
+
 class Remover:
     """Decode, resize, ask the model, compose, encode: one replica's share of the work."""
 
@@ -76,6 +207,14 @@ class Remover:
         self.models = dict(models)
         self.specs = {name: spec_for(name) for name in models}
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="stages")
+        self.refine_pool = ThreadPoolExecutor(
+            settings.refine_concurrency, thread_name_prefix="refine"
+        )
+        self.budget = PixelBudget(settings.pixel_budget)
+        # Until the warm-up times one image: ten in the deadline.
+        self.admission = Admission(settings.deadline_s, 10 / settings.deadline_s)
+        self._trim = _malloc_trim()
+        self._trimmed = 0.0
 
     async def in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -90,15 +229,57 @@ class Remover:
             )
         return name
 
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Admission for one request (``Overloaded`` if it would miss the deadline).
+
+        When the replica goes idle, the C heap's freed memory is given back to the
+        system (glibc keeps it otherwise, so a burst of large images would leave
+        the replica's RSS at its peak).
+        """
+        self.admission.admit()
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            self.admission.release(completed)
+            now = time.monotonic()
+            if self.admission.in_flight == 0 and self._trim and now - self._trimmed > 2:
+                # Not awaited: the answer does not wait for it.
+                self._trimmed = now
+                asyncio.get_running_loop().run_in_executor(self.pool, self._trim)
+
     async def remove(self, job: Job) -> Served:
         name = self.model_name(job)
         limits, level = self.settings.limits, self.settings.png_compress_level
         started = time.perf_counter()
-        prepared = await self.in_pool(prepare, job.data, self.specs[name], limits)
-        inferred = time.perf_counter()
-        mask = await self.models[name](prepared.model_input)
-        composed = time.perf_counter()
-        done = await self.in_pool(finish, prepared.image, mask, job.options, job.format, level)
+        width, height = await self.in_pool(probe, job.data, limits)
+        if job.format == "webp" and max(width, height) > WEBP_MAX_SIDE:
+            raise PayloadTooLarge(
+                f"WebP output is at most {WEBP_MAX_SIDE} px a side; this image is "
+                f"{width}x{height}: ask for format=png"
+            )
+        async with self.budget.hold(width * height):
+            prepared = await self.in_pool(prepare, job.data, self.specs[name], limits)
+            inferred = time.perf_counter()
+            mask = await self.models[name](prepared.model_input)
+            composed = time.perf_counter()
+            # Matting and decontamination take seconds: on threads of their own.
+            refining = job.options.alpha_matting or job.options.decontaminate
+            done = await asyncio.get_running_loop().run_in_executor(
+                self.refine_pool if refining else self.pool,
+                partial(
+                    finish,
+                    prepared.image,
+                    mask,
+                    job.options,
+                    job.format,
+                    level,
+                    self.settings.refine,
+                ),
+            )
+            del prepared
         ended = time.perf_counter()
         timings = Timings(inferred - started, composed - inferred, ended - composed)
         return Served(done.body, done.width, done.height, name, job.format, timings)
@@ -108,17 +289,36 @@ class Remover:
 
         Sets up what a first request would otherwise pay for: the pool's threads,
         Pillow's codecs, the allocator's first large buffers, each model's route.
-        Best effort: a model that cannot answer fails its own replica's start.
+        Its time is the admission's first rate estimate. Best effort: a model that
+        cannot answer fails its own replica's start.
         """
         data = sample_jpeg(self.settings.limits)
+        rates = []
         for name in self.models:
-            started = time.perf_counter()
+            job = Job(data, name, CutoutOptions())
             try:
-                await asyncio.wait_for(self.remove(Job(data, name, CutoutOptions())), timeout_s)
+                # The first pass warms (and may wait for the model to come up);
+                # the second is timed.
+                started = time.perf_counter()
+                await asyncio.wait_for(self.remove(job), timeout_s)
+                warmed = time.perf_counter()
+                await asyncio.wait_for(self.remove(job), timeout_s)
             except Exception as exc:
                 logger.warning("warm-up through %s failed: %r", name, exc)
             else:
-                logger.info("warm through %s in %.2fs", name, time.perf_counter() - started)
+                took = time.perf_counter() - warmed
+                rates.append(1 / took)
+                logger.info(
+                    "warm through %s in %.2fs; one image then took %.2fs",
+                    name,
+                    warmed - started,
+                    took,
+                )
+        if rates:
+            # A first estimate of the rate admission judges by: one image at a time,
+            # on the slowest model (pipelining and batching only do better).
+            self.admission.initial_rate = min(rates)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.refine_pool.shutdown(wait=False, cancel_futures=True)

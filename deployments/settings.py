@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.compose import RefineLimits
 from deployments.decode import Limits
 from deployments.models import MODEL_TABLE
 
@@ -66,6 +67,18 @@ class AppSettings(_Strict):
     # the cores of the node it runs on.
     ingress_threads: int | None = Field(default=None, gt=0)
     limits: Limits = Field(default_factory=Limits)
+    # Decoded pixels one ingress replica holds at once (a request holds its
+    # image's from decode to encode; others wait for room before decoding).
+    pixel_budget: int = Field(default=100_000_000, gt=0)
+    # A request is admitted only while the measured rate says it can finish
+    # within this many seconds; otherwise 503 at once, with Retry-After. Keep it
+    # well under http_options.request_timeout_s (after which Serve answers 408).
+    deadline_s: float = Field(default=30.0, gt=0)
+    # Alpha matting and decontamination: the pixels they work on at most (above,
+    # on a downscaled copy), and how many run at once, each on a thread of its
+    # own so that they never hold up other requests' decode and encode.
+    refine: RefineLimits = Field(default_factory=RefineLimits)
+    refine_concurrency: int = Field(default=1, ge=1, le=16)
     png_compress_level: int = Field(default=1, ge=0, le=9)
     # Optional API key: when set, /remove and /api/remove need it in `X-API-Key`
     # or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an
@@ -82,6 +95,8 @@ class AppSettings(_Strict):
             raise ValueError(f"a model is listed twice: {names}")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not among models {names}")
+        if self.pixel_budget < self.limits.max_pixels:
+            raise ValueError("pixel_budget must hold at least one image of limits.max_pixels")
         return self
 
     @property

@@ -304,6 +304,14 @@ CASES: list[Case] = [
         _bytes(GOOD),
         params={"model": "../../etc/passwd"},
     ),
+    # WebP cannot hold a side over 16383 px: refused from the header, before the work.
+    Case(
+        "webp-wider-than-16383",
+        413,
+        "payload_too_large",
+        lambda: image_bytes(Image.new("L", (16384, 2)), "PNG"),
+        params={"format": "webp"},
+    ),
     # Unusual but valid images: answered.
     Case(
         "1x1", 200, None, lambda: image_bytes(Image.new("RGB", (1, 1), "red"), "PNG"), size=(1, 1)

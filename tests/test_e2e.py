@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_IMAGES, Service, assert_parity, gradient, image_bytes
+from deployments.bench.harness import rss_peaks, serve_replicas
 
 pytestmark = pytest.mark.e2e
 
@@ -164,3 +166,61 @@ def test_bad_image_never_fails_its_batchmates(service: Service) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(call, bodies))
     assert statuses == [200, 415] * 4
+
+
+def test_parity_holds_inside_concurrent_batches(
+    service: Service, reference_outputs: dict[str, bytes]
+) -> None:
+    """The shared photos sent together (with others) form batches and still equal rembg."""
+    with service.client() as client:
+        before = client.get("/models").json()["models"][0]["batch_sizes_formed"]
+
+    def call(path: Path) -> tuple[str, bytes]:
+        with service.client(timeout=300) as client:
+            response = client.post("/api/remove", files={"file": (path.name, path.read_bytes())})
+            assert response.status_code == 200, response.text
+            return path.name, response.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, SHARED_IMAGES * 2))
+    with service.client() as client:
+        after = client.get("/models").json()["models"][0]["batch_sizes_formed"]
+    formed = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    assert max(int(k) for k in formed) > 1, f"no batch larger than 1 formed: {formed}"
+    for name, body in results:
+        assert_parity(name, body, reference_outputs[name])
+
+
+def test_matting_a_12mp_photo_stays_bounded_and_others_go_on(service: Service) -> None:
+    """Alpha matting works on at most `refine.matting_max_pixels` (1 MP by default):
+    a 12 MP upload is matted on a downscaled copy, so the ingress's memory grows by
+    far less than the ~5 GB full-size matting asks for. Two at once run on the
+    refinement thread, one after the other, while a plain request is answered."""
+    with Image.open(CAR) as car:
+        big = image_bytes(car.convert("RGB").resize((4000, 3000)), "JPEG", quality=90)
+    (ingress,) = [p for p, n in serve_replicas(service.process.pid).items() if n == "Ingress"]
+
+    def matting() -> tuple[int, float]:
+        with service.client(timeout=300) as client:
+            started = time.perf_counter()
+            response = client.post("/remove", params={"alpha_matting": "true"}, content=big)
+            return response.status_code, time.perf_counter() - started
+
+    with rss_peaks([ingress], 0.05) as peaks, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        baseline = dict(peaks)
+        matted = [pool.submit(matting) for _ in range(2)]
+        time.sleep(1)
+        with service.client(timeout=300) as client:
+            started = time.perf_counter()
+            plain = client.post("/remove", content=CAR.read_bytes())
+            plain_s = time.perf_counter() - started
+        results = [f.result() for f in matted]
+    growth = peaks[ingress] - baseline[ingress]
+    print(
+        f"\nmatting 12 MP x2: {results}; plain request {plain_s:.1f}s; ingress +{growth >> 20} MiB"
+    )
+    assert [status for status, _ in results] == [200, 200]
+    assert plain.status_code == 200
+    # The plain request did not wait for both mattings (they run one after the other).
+    assert plain_s < max(seconds for _, seconds in results)
+    assert growth < 2 * 2**30, f"the ingress grew by {growth >> 20} MiB"

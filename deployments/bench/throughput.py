@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 from PIL import Image
+from ray.serve.batching import _BatchQueue
 
 from deployments.bench.harness import (
     ROOT,
@@ -119,6 +120,10 @@ def model_limit(settings: AppSettings, images: Mapping[str, bytes], seconds: flo
 # --- 2. in-process pipeline -----------------------------------------------------------------
 
 
+def _no_warning(self: object) -> None:
+    return None
+
+
 class InProcess:
     """The service's ingress work and model replica, in this process, without Serve."""
 
@@ -126,9 +131,12 @@ class InProcess:
         self.settings, self.live = settings, live
 
     async def __aenter__(self) -> InProcess:
-        # FAKE resources only in name: Ray is not running here, so the CPUs the
-        # replica would be given are passed in; the session, batching and stages
-        # are the service's own.
+        # Ray is not running here: the CPUs the replica would be given are passed
+        # in. Serve's batch queue asks the replica context only to log a warning
+        # (max_batch_size against max_ongoing_requests); outside a replica there is
+        # none, so that one check is skipped. The session, the @serve.batch policy
+        # and the stages are the service's own.
+        _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = _no_warning
         server_class: Any = ModelServer.func_or_class  # type: ignore[attr-defined]
         self.server = server_class(
             {"name": MODEL}, 0.0, resources=Resources(self.settings.num_cpus)

@@ -1,0 +1,150 @@
+"""What one ingress replica takes on, no Serve: deadline admission, the pixel budget,
+the refinement thread, and refusals up front."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+from conftest import gradient, image_bytes
+from deployments.errors import Overloaded, PayloadTooLarge
+from deployments.options import CutoutOptions
+from deployments.service import Admission, Job, PixelBudget, Remover
+from deployments.settings import AppSettings
+
+
+def test_admission_refuses_what_would_miss_the_deadline() -> None:
+    admission = Admission(deadline_s=10, initial_rate=1.0)  # one image a second
+    for _ in range(10):
+        admission.admit()  # the 10th would finish in 10 s: still in time
+    with pytest.raises(Overloaded) as refused:
+        admission.admit()
+    # Retry-After: the time the ten in flight need to drain.
+    assert refused.value.headers == {"Retry-After": "10"}
+    admission.release(completed=True)
+    admission.admit()  # room again
+    assert admission.in_flight == 10
+
+
+def test_admission_always_takes_one_when_idle() -> None:
+    admission = Admission(deadline_s=1, initial_rate=0.01)  # a very slow estimate
+    admission.admit()
+    with pytest.raises(Overloaded):
+        admission.admit()
+
+
+def test_admission_measures_its_rate_over_busy_time_only() -> None:
+    admission = Admission(deadline_s=30, initial_rate=1.0, window=4)
+    # Four completions, 0.05 s apart while busy; long idle gaps between them
+    # do not count against the rate.
+    for _ in range(4):
+        admission.admit()
+        time.sleep(0.05)
+        admission.release(completed=True)
+        time.sleep(0.1)
+    assert 15 <= admission.rate() <= 25, admission.rate()
+
+
+def test_pixel_budget_is_first_come_first_served() -> None:
+    async def scenario() -> list[str]:
+        budget = PixelBudget(100)
+        order: list[str] = []
+
+        async def job(name: str, pixels: int, hold_s: float) -> None:
+            async with budget.hold(pixels):
+                order.append(f"{name} in (free {budget.free})")
+                assert budget.free >= 0
+                await asyncio.sleep(hold_s)
+
+        await asyncio.gather(
+            job("a", 60, 0.05),
+            job("big", 1000, 0.01),  # more than the whole budget: waits for all of it
+            job("small", 10, 0.0),  # fits now, but comes after big: waits its turn
+        )
+        assert budget.free == 100
+        return order
+
+    assert asyncio.run(scenario()) == ["a in (free 40)", "big in (free 0)", "small in (free 90)"]
+
+
+def test_pixel_budget_gives_back_what_a_cancelled_waiter_held() -> None:
+    async def scenario() -> int:
+        budget = PixelBudget(100)
+        async with budget.hold(80):
+            waiter = asyncio.ensure_future(budget.hold(50).__aenter__())
+            await asyncio.sleep(0)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        return budget.free
+
+    assert asyncio.run(scenario()) == 100
+
+
+class ZeroMask:
+    """FAKE model: answers an empty mask at once, so that the budget, not the
+    model, is what these tests see (the real model is in test_model_server)."""
+
+    def __init__(self) -> None:
+        self.concurrent = self.most = 0
+
+    async def __call__(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        self.concurrent += 1
+        self.most = max(self.most, self.concurrent)
+        await asyncio.sleep(0.05)
+        self.concurrent -= 1
+        return np.zeros((320, 320), dtype=np.uint8)
+
+
+def test_decoded_images_stay_within_the_pixel_budget() -> None:
+    # 4 MP images, a budget of two of them: never more than two held at once, and
+    # the others wait (undecoded) rather than fail.
+    settings = AppSettings(pixel_budget=8_000_000, limits={"max_pixels": 4_000_000})
+    data = image_bytes(gradient(2000, 2000), "PNG")
+    held: list[int] = []
+    waiting: list[int] = []
+
+    class Watched(PixelBudget):
+        @asynccontextmanager
+        async def hold(self, pixels: int) -> AsyncIterator[None]:
+            waiting.append(len(self._waiters) + (pixels > self.free))
+            async with super().hold(pixels):
+                held.append(self.capacity - self.free)
+                yield
+
+    async def scenario() -> None:
+        remover = Remover(settings, {"u2netp": ZeroMask()}, threads=2)
+        remover.budget = Watched(settings.pixel_budget)
+        try:
+            jobs = [remover.remove(Job(data, None, CutoutOptions())) for _ in range(5)]
+            served = await asyncio.gather(*jobs)
+        finally:
+            remover.close()
+        assert all((s.width, s.height) == (2000, 2000) for s in served)
+
+    asyncio.run(scenario())
+    assert len(held) == 5 and max(held) <= 8_000_000, held
+    assert max(waiting) >= 1, waiting
+
+
+def test_webp_over_its_side_limit_is_refused_before_decoding() -> None:
+    model = ZeroMask()
+    wide = image_bytes(Image.new("L", (16384, 2)), "PNG")
+
+    async def scenario() -> None:
+        remover = Remover(AppSettings(), {"u2netp": model}, threads=1)
+        try:
+            with pytest.raises(PayloadTooLarge, match="16383"):
+                await remover.remove(Job(wide, None, CutoutOptions(), "webp"))
+        finally:
+            remover.close()
+
+    asyncio.run(scenario())
+    assert model.most == 0  # the model was never asked
