@@ -82,7 +82,9 @@ def _replica_id() -> str:
         return "in-process"
 
 
-@serve.deployment(name="Model")
+# The default user_config makes Serve call reconfigure, where the model loads,
+# even for a deployment bound without one (a config's user_config replaces it).
+@serve.deployment(name="Model", user_config=LiveModelConfig().model_dump(mode="json"))
 class ModelServer:
     """One model's ONNX Runtime session, warm before ready, batched with Serve."""
 

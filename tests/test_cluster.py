@@ -160,10 +160,10 @@ def fake_gpu_cluster(log: Path) -> Iterator[FakeCluster]:
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
     ]  # fmt: skip
-    head = subprocess.Popen(
-        command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    with log.open("wb") as out:  # the head keeps its own copy of the descriptor
+        head = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     cluster = FakeCluster(address, temp_dir, head)
     try:
         yield cluster

@@ -148,18 +148,16 @@ def start_process(
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    """SIGINT first (`serve run` then shuts its local Ray down), SIGTERM, then SIGKILL."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=timeout_s / 2)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    """SIGTERM to its process group (`serve run` in the background ignores SIGINT;
+    on SIGTERM it stops its local Ray), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def serve_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
