@@ -147,3 +147,23 @@ def apply_background_color(img: Image.Image, color: tuple[int, int, int, int]) -
     Two Pillow calls; importing ``rembg.bg`` for them would compile pymatting.
     """
     return Image.alpha_composite(Image.new("RGBA", img.size, color), img)
+
+
+def warm_refine() -> None:
+    """Import rembg's refiners and run each once on a small image.
+
+    Importing ``rembg.bg`` compiles pymatting's numba code the first time a
+    fresh environment imports it (about a minute on 2 cores; numba caches it
+    beside the package) and the first calls compile the rest, so the service
+    runs this after it is ready instead of inside the first matting request.
+    """
+    from rembg.bg import alpha_matting_cutout, decontaminate_cutout, post_process
+
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2).astype(np.uint8)
+    mask = Image.fromarray(disc * 255, mode="L")
+    img = Image.fromarray(np.dstack([xx * 4, yy * 4, disc * 200]).astype(np.uint8), mode="RGB")
+    post_process(np.asarray(mask))
+    alpha_matting_cutout(img, mask, 240, 10, 3)
+    decontaminate_cutout(img, mask)

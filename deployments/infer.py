@@ -146,7 +146,9 @@ class OnnxModel:
         # whether this process rewrote it or it was saved that way.
         self.takes_uint8 = model_input.type == "tensor(uint8)"
         self.report.load_s = time.perf_counter() - started
+        checked = time.perf_counter()
         self.batchable = self._batch_equals_singles()
+        self.report.warmup_s += time.perf_counter() - checked
         if not self.batchable:
             logger.warning(
                 "model %s: a batch of 2 differs from two single runs; "
@@ -200,6 +202,8 @@ class OnnxModel:
             logger.warning("model %s: batch of 2 failed: %s", self.spec.name, exc)
             return False
         apart = np.concatenate([self._run(probe[:1]), self._run(probe[1:])])
+        # Both shapes have run: the warm-up need not run them again.
+        self.report.shapes += [1, 2]
         # Bit-equal on the CPU. On a GPU, cuDNN picks an algorithm per shape and
         # runs float32 convolutions in TF32 (10-bit mantissa) by default, and an
         # fp16 model is coarser still: runs differ by ~1e-3 there. An export that

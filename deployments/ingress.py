@@ -98,6 +98,10 @@ class Ingress:
         self._status_task: asyncio.Future[ServeStatus] | None = None
         self._infos: dict[str, dict[str, Any]] = {}
         await self.remover.warm_up()
+        if self.settings.refine_warmup == "startup":
+            await self.remover.warm_refine(background=False)
+        elif self.settings.refine_warmup == "background":
+            self._refine_warmup = asyncio.get_running_loop().create_task(self.remover.warm_refine())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve calls this after __init__: the app is built from this replica's settings.
@@ -182,4 +186,8 @@ class Ingress:
             return info
 
         infos = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
-        return {"default": self.settings.default_model_name, "models": list(infos)}
+        return {
+            "default": self.settings.default_model_name,
+            "models": list(infos),
+            "refine": self.remover.refine_state,
+        }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -17,10 +18,12 @@ from PIL import Image
 from deployments.compose import RefineLimits, compose, mask_to_size
 from deployments.decode import Limits, decode
 from deployments.encode import encode
-from deployments.infer import OnnxModel
 from deployments.models import ModelSpec
 from deployments.options import CutoutOptions, OutputFormat
 from deployments.preprocess import model_input
+
+if TYPE_CHECKING:  # the ingress runs these stages without ONNX Runtime
+    from deployments.infer import OnnxModel
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,14 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import os
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import ParamSpec, TypeVar
@@ -29,6 +32,7 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from deployments.compose import warm_refine
 from deployments.decode import probe
 from deployments.errors import Overloaded, PayloadTooLarge, UnknownModel
 from deployments.models import spec_for
@@ -199,6 +203,48 @@ def _malloc_trim() -> Callable[[], object] | None:
     return None if trim is None else partial(trim, 0)
 
 
+async def _compile_refiners_aside(
+    busy: Callable[[], bool], patience_s: float = 120, timeout_s: float = 900
+) -> None:
+    """``warm_refine`` in a child process at nice 19, paused (SIGSTOP) while
+    ``busy()``: it fills numba's disk cache without taking CPU from requests,
+    even the little a niced process takes (ONNX Runtime's threads wait for the
+    slowest of them). After ``patience_s`` paused it runs on regardless.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import os; os.nice(19); from deployments.compose import warm_refine; warm_refine()",
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    done = asyncio.ensure_future(process.communicate())
+    started = time.monotonic()
+    paused, paused_s = False, 0.0
+    try:
+        while not done.done():
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"the refiners did not compile in {timeout_s}s")
+            pause = busy() and paused_s < patience_s
+            if pause != paused:
+                with suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGSTOP if pause else signal.SIGCONT)
+                paused = pause
+            tick = time.monotonic()
+            await asyncio.wait([done], timeout=0.05)
+            paused_s += (time.monotonic() - tick) if paused else 0.0
+    finally:
+        if not done.done():
+            with suppress(ProcessLookupError):
+                process.kill()
+            await done
+    _, err = done.result()
+    if process.returncode != 0:
+        # Loading in this process will compile instead, and fail with its reason.
+        logger.warning("refiners' compile process failed: %s", err.decode(errors="replace")[-500:])
+
+
 class Remover:
     """Decode, resize, ask the model, compose, encode: one replica's share of the work."""
 
@@ -211,6 +257,7 @@ class Remover:
             settings.refine_concurrency, thread_name_prefix="refine"
         )
         self.budget = PixelBudget(settings.pixel_budget)
+        self.refine_state: dict[str, object] = {"warm": False}
         # Until the warm-up times one image: ten in the deadline.
         self.admission = Admission(settings.deadline_s, 10 / settings.deadline_s)
         self._trim = _malloc_trim()
@@ -318,6 +365,44 @@ class Remover:
             # A first estimate of the rate admission judges by: one image at a time,
             # on the slowest model (pipelining and batching only do better).
             self.admission.initial_rate = min(rates)
+
+    async def warm_refine(self, background: bool = True) -> None:
+        """Load and run the refiners once (see ``warm_refine``); the outcome is in
+        ``refine_state``, which ``GET /models`` shows.
+
+        In the background, so that users do not feel it: pymatting's numba code is
+        compiled first in a separate process at the lowest CPU priority, paused
+        while requests are in flight (numba caches it on disk; about a minute in a
+        fresh environment, a few seconds after), then loaded here once the replica
+        has been idle a moment. The load runs on the refine pool, so a matting
+        request that comes meanwhile waits for it rather than loading beside it.
+        """
+        self.refine_state = {"warm": False, "warming": True}
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            if background:
+                await _compile_refiners_aside(lambda: self.admission.in_flight > 0)
+                await self._idle_for(1.0, patience_s=60.0)
+            await loop.run_in_executor(self.refine_pool, warm_refine)
+        except Exception as exc:
+            logger.warning("refine warm-up failed: %r", exc)
+            self.refine_state = {"warm": False, "error": type(exc).__name__}
+            return
+        took = time.perf_counter() - started
+        logger.info("refiners (matting, decontamination) warm in %.2fs", took)
+        self.refine_state = {"warm": True, "warm_s": round(took, 3)}
+
+    async def _idle_for(self, seconds: float, patience_s: float) -> None:
+        """Until no request has been in flight for ``seconds`` (at most ``patience_s``)."""
+        deadline = time.monotonic() + patience_s
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if self.admission.in_flight:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= seconds:
+                return
+            await asyncio.sleep(0.1)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

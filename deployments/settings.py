@@ -79,6 +79,13 @@ class AppSettings(_Strict):
     # own so that they never hold up other requests' decode and encode.
     refine: RefineLimits = Field(default_factory=RefineLimits)
     refine_concurrency: int = Field(default=1, ge=1, le=16)
+    # When the refiners (rembg.bg: pymatting, scipy, numba) are loaded and run
+    # once: "background" after the replica is ready (compiled in a child process
+    # at nice 19, then loaded once the replica is idle a moment; a matting request
+    # meanwhile waits for it), "startup" before it is ready, "off" in the first
+    # request that needs them. ~170 MiB per ingress replica; a fresh environment
+    # compiles pymatting's numba code first (about a minute on 2 cores).
+    refine_warmup: Literal["background", "startup", "off"] = "background"
     png_compress_level: int = Field(default=1, ge=0, le=9)
     # Optional API key: when set, /remove and /api/remove need it in `X-API-Key`
     # or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an

@@ -11,14 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from deployments.bench.__main__ import main
-from deployments.bench.harness import FIXTURES, SERVE_CONFIG
-
-REQUEST_TIMEOUT_S = float(
-    yaml.safe_load(SERVE_CONFIG.read_text())["http_options"]["request_timeout_s"]
-)
+from deployments.bench.harness import FIXTURES
 
 
 def positive(value: Any) -> bool:
@@ -26,7 +21,7 @@ def positive(value: Any) -> bool:
 
 
 @pytest.mark.bench
-def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
+def test_quick_throughput_section_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert main(["throughput", "--quick", "--skip-peer", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["throughput"]
@@ -47,14 +42,10 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     assert positive(service["first_request"]["latency_ms"])
     assert set(service["phases"]) == {"c1", "c16", "c64"}
     for name, phase in service["phases"].items():
-        drain_s = phase["requests"] / phase["images_per_s"]
-        if drain_s < 0.8 * REQUEST_TIMEOUT_S:
-            assert phase["statuses"] == {"200": phase["requests"]}, name
-        else:
-            # The machine is so loaded that the last of these requests waited
-            # past serve_config's request_timeout_s: 408 is then the right
-            # answer. Admission (503) or server errors never are.
-            assert set(phase["statuses"]) <= {"200", "408"}, (name, phase["statuses"])
+        # Admission refuses at once (503, Retry-After) what could not finish within
+        # its deadline on this machine; a 408 (Serve's timeout) or a 5xx never.
+        assert set(phase["statuses"]) <= {"200", "503"}, (name, phase["statuses"])
+        assert phase["statuses"].get("200", 0) > 0, (name, phase["statuses"])
         assert positive(phase["images_per_s"]), name
         lat = phase["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], name
@@ -74,3 +65,28 @@ def test_quick_bench_reports_every_section(tmp_path: Path) -> None:
     names = {t["name"] for t in targets}
     assert "served c16 / model limit" in names and "parity with rembg (pixel-identical)" in names
     assert all(t["result"] in ("PASS", "FAIL", "SKIP") for t in targets)
+
+
+@pytest.mark.bench
+def test_cold_section_reports_each_path(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["cold", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["cold"]
+
+    start = results["second_start"]
+    assert 0 < start["ready_s"] < start["first_cutout_s"]
+    assert positive(start["first_request_ms"]) and positive(start["steady_request_ms"])
+    steps = start["steps_s"]
+    order = ["ray_started", "serve_started", "app_built", "model_loaded", "ingress_warm"]
+    assert all(positive(steps[k]) for k in order), steps
+    assert [steps[k] for k in order] == sorted(steps[k] for k in order), steps
+    assert steps["ingress_warm"] <= start["ready_s"] + 1, steps
+    assert start["refine"]["warm"] is True, start["refine"]
+    assert positive(start["first_matting_ms"]) and positive(start["steady_matting_ms"])
+
+    replica = results["new_replica"]
+    assert "error" not in replica, replica
+    assert 0 < replica["scheduled_to_warm_s"] <= replica["scheduled_to_first_answer_s"]
+    # Requests kept being answered while the replica started.
+    assert replica["statuses_during"].get("200", 0) > 0, replica
+    assert set(replica["statuses_during"]) <= {"200", "503"}, replica

@@ -42,6 +42,21 @@ def test_health_and_models(service: Service) -> None:
     assert u2netp["batch_shapes"] == [1, 2, 4] and u2netp["max_batch_size"] == 4
 
 
+def test_refiners_warm_in_the_background_after_ready(service: Service) -> None:
+    """Matting's code loads after the service is ready, and /models says when."""
+    with service.client() as client:
+        deadline = time.monotonic() + 300  # a fresh environment compiles pymatting first
+        refine = client.get("/models").json()["refine"]
+        while not refine.get("warm") and "error" not in refine and time.monotonic() < deadline:
+            time.sleep(1)
+            refine = client.get("/models").json()["refine"]
+        assert refine["warm"] is True and refine["warm_s"] > 0, refine
+        response = client.post(
+            "/remove", params={"alpha_matting": "true"}, content=CAR.read_bytes()
+        )
+    assert response.status_code == 200, response.text
+
+
 @pytest.mark.parametrize("path", SHARED_IMAGES, ids=lambda p: p.name)
 def test_rembg_api_matches_rembg(
     service: Service, path: Path, reference_outputs: dict[str, bytes]

@@ -7,10 +7,14 @@ settings models, and consistency between the files.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -195,6 +199,34 @@ def test_dockerfile_copies_paths_that_exist_and_bakes_the_models() -> None:
     assert install < fetch and config < fetch
     exposed = {int(p) for i, args in steps if i == "EXPOSE" for p in args.split()}
     assert load(ROOT / "serve_config.yaml")["http_options"]["port"] in exposed
+
+
+def test_the_image_compiles_matting_at_build_time_for_any_cpu() -> None:
+    steps = dockerfile()
+    env = " ".join(args for i, args in steps if i == "ENV")
+    assert "NUMBA_CPU_NAME=generic" in env
+    install = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "pip install ." in a)
+    warm = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "warm_refine()" in a)
+    assert install < warm
+    # numba keys its cache by (target triple, CPU name, CPU features): with the
+    # generic CPU neither the build machine's name nor its features are in it,
+    # so what the build compiled loads on a node of any x86-64 kind.
+    probe = (
+        "from numba.core.registry import cpu_target;"
+        "print(repr(cpu_target.target_context.codegen().magic_tuple()))"
+    )
+    generic = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "NUMBA_CPU_NAME": "generic"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    triple, cpu, features = ast.literal_eval(generic.stdout.strip())
+    assert (cpu, features) == ("generic", "")
+    host_triple, _cpu, host_features = ast.literal_eval(host.stdout.strip())
+    assert host_triple == triple and host_features != ""
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:

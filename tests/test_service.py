@@ -4,6 +4,7 @@ the refinement thread, and refusals up front."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import gradient, image_bytes
+from deployments import service
+from deployments.compose import warm_refine
 from deployments.errors import Overloaded, PayloadTooLarge
 from deployments.options import CutoutOptions
 from deployments.service import Admission, Job, PixelBudget, Remover
@@ -148,3 +151,28 @@ def test_webp_over_its_side_limit_is_refused_before_decoding() -> None:
 
     asyncio.run(scenario())
     assert model.most == 0  # the model was never asked
+
+
+def test_refiners_warm_on_their_own_pool_and_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran_on: list[str] = []
+
+    def recorded() -> None:
+        ran_on.append(threading.current_thread().name)
+        warm_refine()  # the real one: imports rembg.bg and runs each refiner
+
+    monkeypatch.setattr(service, "warm_refine", recorded)
+
+    async def scenario() -> tuple[dict[str, object], dict[str, object]]:
+        remover = Remover(AppSettings(), {"u2netp": ZeroMask()}, threads=1)
+        try:
+            before = dict(remover.refine_state)
+            await remover.warm_refine()
+        finally:
+            remover.close()
+        return before, remover.refine_state
+
+    before, after = asyncio.run(scenario())
+    assert before == {"warm": False}
+    assert after["warm"] is True and isinstance(after["warm_s"], float), after
+    # On the refine pool: a matting request that comes meanwhile queues behind it.
+    assert len(ran_on) == 1 and ran_on[0].startswith("refine"), ran_on

@@ -1,9 +1,11 @@
 """``python -m deployments.bench``: the benchmark, every figure from one run on one machine.
 
 Sections (all by default): ``throughput`` (the model limit, the same stages in
-process, the service over HTTP and ``rembg s`` side by side). It prints a table
-with each target marked PASS or FAIL and writes everything as JSON. Compare the
-ratios, not the absolute figures: machines differ several times in raw speed.
+process, the service over HTTP and ``rembg s`` side by side) and ``cold`` (a start
+until the first cut-out, the first matting request, a new replica under load). It
+prints a table with each target marked PASS or FAIL and writes everything as JSON.
+Compare the ratios, not the absolute figures: machines differ several times in raw
+speed.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deployments.bench import throughput
+from deployments.bench import cold, throughput
 from deployments.bench.harness import ROOT, Json, rembg_home, shared_images
 
-SECTIONS = ("throughput",)
+SECTIONS = ("throughput", "cold")
 
 
 def machine() -> str:
@@ -98,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             results["throughput"] = part
             targets += [judged(*t) for t in throughput.targets(part)]
             lines += throughput.table(part)
+        if "cold" in sections:
+            part = cold.run(tmp, images)
+            results["cold"] = part
+            targets += [judged(*t) for t in cold.targets(part)]
+            lines += cold.table(part)
     results["targets"] = targets
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
