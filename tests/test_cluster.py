@@ -1,11 +1,12 @@
-"""Cluster autoscaling: GPU nodes come for GPU replicas and go when idle.
+"""Cluster autoscaling: nodes come for the replicas that need them and go when idle.
 
 Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``) plays the cloud: its
 "nodes" are extra raylets on this machine that declare a GPU. The head has
 none, as on KubeRay (config/rayservice.yaml) and the cluster launcher
 (config/cluster.yaml). No CUDA runs here, so the replicas are a probe with the
 model replica's resource options from ``build_app`` (ModelServer itself would
-refuse a GPU it cannot use; see tests/test_scaling.py).
+refuse a GPU it cannot use; see tests/test_scaling.py). On CPU nodes the real
+app runs: a node launched for the model replica serves the first cut-out.
 
 The head runs under its own short temp dir and in its own process group, and
 teardown kills that group only: never `ray stop`, which would stop every Ray on
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import ray
 import yaml
@@ -39,10 +41,14 @@ from deployments.serve_app import build_app, use_gpu_for
 pytestmark = pytest.mark.slow
 
 IDLE_TIMEOUT_S = 6
+GPU_WORKER = ("gpu", {"CPU": 2, "GPU": 1})
+CPU_WORKER = ("cpu", {"CPU": 2})
 
 
-def autoscaling_config(gcs_address: str) -> dict[str, Any]:
-    """The fake provider's cluster config: a CPU head and GPU workers from zero.
+def autoscaling_config(
+    gcs_address: str, head_cpus: int = 1, worker: tuple[str, dict[str, int]] = GPU_WORKER
+) -> dict[str, Any]:
+    """The fake provider's cluster config: a head and ``worker`` nodes from zero.
 
     Ray's wheel lacks the example YAML that ``ray.cluster_utils.AutoscalingCluster``
     reads, so the whole config is written here.
@@ -60,12 +66,12 @@ def autoscaling_config(gcs_address: str) -> dict[str, Any]:
         },
         "available_node_types": {
             "ray.head.default": {
-                "resources": {"CPU": 1},
+                "resources": {"CPU": head_cpus},
                 "node_config": {},
                 "max_workers": 0,
             },
-            "gpu": {
-                "resources": {"CPU": 2, "GPU": 1},
+            worker[0]: {
+                "resources": worker[1],
                 "node_config": {},
                 "min_workers": 0,
                 "max_workers": 2,
@@ -128,7 +134,9 @@ def _stop(cluster: FakeCluster) -> None:
 
 
 @contextmanager
-def fake_gpu_cluster(log: Path) -> Iterator[FakeCluster]:
+def fake_cluster(
+    log: Path, head_cpus: int = 1, worker: tuple[str, dict[str, int]] = GPU_WORKER
+) -> Iterator[FakeCluster]:
     from ray._private.services import get_node_ip_address
 
     # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
@@ -136,7 +144,7 @@ def fake_gpu_cluster(log: Path) -> Iterator[FakeCluster]:
     port = free_port()
     address = f"{get_node_ip_address()}:{port}"
     config = temp_dir / "autoscaling.yaml"
-    config.write_text(yaml.safe_dump(autoscaling_config(address)))
+    config.write_text(yaml.safe_dump(autoscaling_config(address, head_cpus, worker)))
     env = {
         **os.environ,
         "RAY_FAKE_CLUSTER": "1",
@@ -152,7 +160,7 @@ def fake_gpu_cluster(log: Path) -> Iterator[FakeCluster]:
         f"--port={port}",
         f"--temp-dir={temp_dir}",
         f"--autoscaling-config={config}",
-        "--num-cpus=1",
+        f"--num-cpus={head_cpus}",
         "--num-gpus=0",
         "--include-dashboard=false",
         # Every fixed default port taken elsewhere on a shared machine.
@@ -198,7 +206,7 @@ def connect(cluster: FakeCluster, log: Path, timeout_s: float = 300) -> None:
 
 def test_gpu_nodes_launch_for_replicas_and_go_when_idle(tmp_path: Path) -> None:
     log = tmp_path / "head.log"
-    with fake_gpu_cluster(log) as cluster:
+    with fake_cluster(log) as cluster:
         connect(cluster, log)
         assert gpu_nodes() == []
         # With no GPU node up yet `auto` would choose the CPU path: a cluster
@@ -234,3 +242,33 @@ def test_gpu_nodes_launch_for_replicas_and_go_when_idle(tmp_path: Path) -> None:
         assert gpu_nodes() == [survivor]  # a node with a replica is never idle
         print(f"2 GPU nodes up with 4 replicas in {up_s:.1f}s; idle node gone in {down_s:.1f}s")
     assert _pids_under(cluster.temp_dir) == []
+
+
+def test_a_new_node_comes_for_the_model_and_serves_it(tmp_path: Path) -> None:
+    """The cold path of a cluster that scales from no workers: a CPU-less head,
+    the real app deployed, a node launched for the model replica, the first
+    cut-out answered. Timed from the deployment to that first 200."""
+    log = tmp_path / "head.log"
+    with fake_cluster(log, head_cpus=0, worker=CPU_WORKER) as cluster:
+        connect(cluster, log)
+
+        def workers() -> list[str]:
+            return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+
+        assert workers() == []
+        port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        started = time.monotonic()
+        # One CPU per model replica: it cannot run on the head (no CPUs), so
+        # the autoscaler must launch a node for it; the ingress takes no CPU.
+        serve.run(build_app({"device": "cpu", "num_cpus": 1}), name="rembg", route_prefix="/")
+        up_s = time.monotonic() - started
+        assert len(workers()) == 1
+        image = (Path(__file__).parent / "fixtures" / "car-1.jpg").read_bytes()
+        response = httpx.post(f"http://127.0.0.1:{port}/remove", content=image, timeout=120)
+        assert response.status_code == 200, response.text
+        first_s = time.monotonic() - started
+        print(
+            f"a node launched for the model replica: app running in {up_s:.1f}s, "
+            f"first cut-out {first_s:.1f}s"
+        )
