@@ -203,6 +203,19 @@ def _malloc_trim() -> Callable[[], object] | None:
     return None if trim is None else partial(trim, 0)
 
 
+# The child: killed with the thread that started it (a stopped child would
+# otherwise outlive a replica killed meanwhile), at the lowest priority.
+_COMPILE_ASIDE = """
+import ctypes, os, signal
+prctl = getattr(ctypes.CDLL(None), "prctl", None)
+if prctl is not None:
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+os.nice(19)
+from deployments.compose import warm_refine
+warm_refine()
+"""
+
+
 async def _compile_refiners_aside(
     busy: Callable[[], bool], patience_s: float = 120, timeout_s: float = 900
 ) -> None:
@@ -214,7 +227,7 @@ async def _compile_refiners_aside(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        "import os; os.nice(19); from deployments.compose import warm_refine; warm_refine()",
+        _COMPILE_ASIDE,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

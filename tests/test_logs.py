@@ -46,6 +46,11 @@ def _wait_for(logs: Path, pattern: str, found: Any, timeout_s: float = 60) -> li
     return records
 
 
+def _access_ids(records: list[dict[str, Any]]) -> set[Any]:
+    """Request ids of Serve's access lines for ``POST /remove``."""
+    return {r.get("request_id") for r in records if "POST /remove" in r.get("message", "")}
+
+
 def test_replica_logs_are_json_with_request_fields(observed: Observed) -> None:  # noqa: F811
     ids = [f"test-{uuid.uuid4()}" for _ in range(3)]
     sizes = [(40, 30), (64, 48), (96, 20)]
@@ -68,6 +73,8 @@ def test_replica_logs_are_json_with_request_fields(observed: Observed) -> None: 
         "replica_*_Ingress_*.log",
         lambda rs: (
             {r.get("request_id") for r in rs if r.get("message") == "image done"} >= set(ids)
+            # Serve writes its access line after the response: wait for it too.
+            and _access_ids(rs) >= set(ids) | {"test-bad"}
         ),
     )
     done = {r["request_id"]: r for r in ingress if r.get("message") == "image done"}
@@ -82,8 +89,7 @@ def test_replica_logs_are_json_with_request_fields(observed: Observed) -> None: 
         assert record["route"] == "/remove" and record["application"] == "rembg"
         assert record["levelname"] == "INFO" and record["deployment"] == "rembg_Ingress"
     # Serve's access log line for each request carries the same id.
-    access = {r.get("request_id") for r in ingress if "POST /remove" in r.get("message", "")}
-    assert set(ids) | {"test-bad"} <= access
+    assert set(ids) | {"test-bad"} <= _access_ids(ingress)
 
     model = _wait_for(
         logs,
