@@ -2,6 +2,7 @@
 
 rembg-serve fetch u2net isnet-general-use    # into rembg's model store
 rembg-serve remove photos/ -o out/ --concurrency 16
+rembg-serve batch photos/ out/                # on Ray Data, no service
 rembg-serve health --url http://10.0.0.5:8000
 rembg-serve bench --quick
 """
@@ -13,15 +14,17 @@ import asyncio
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal, get_args, get_origin
 
 import httpx
 
 from deployments.client import DEFAULT_URL, ApiError, AsyncClient, Client, Options, Retry
 from deployments.options import OptionsError, parse
+from deployments.settings import AppSettings, LiveModelConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 API_KEY_ENV = "REMBG_SERVE_API_KEY"
@@ -33,13 +36,23 @@ class Job:
     target: Path
 
 
-def plan(inputs: Sequence[Path], outdir: Path, suffix: str) -> list[Job]:
-    """Each input file -> its output path; folders are walked, their layout kept.
+def output_names(rels: Sequence[PurePath], suffix: str) -> list[PurePath]:
+    """Each input's relative path -> its output's, the folders kept.
 
     The mapping depends only on the inputs, so a rerun finds the same outputs
-    (that is what makes ``remove`` resumable). ``a.jpg`` and ``a.png`` in one
-    folder would both become ``a.png``: those keep their full name (``a.jpg.png``).
+    (that is what makes a run resumable). ``a.jpg`` and ``a.png`` in one folder
+    would both become ``a.png``: those keep their full name (``a.jpg.png``).
     """
+    stems = Counter(rel.with_suffix("") for rel in rels)
+    return [
+        rel.parent / ((rel.name if stems[rel.with_suffix("")] > 1 else rel.stem) + suffix)
+        for rel in rels
+    ]
+
+
+def plan(inputs: Sequence[Path], outdir: Path, suffix: str) -> list[Job]:
+    """Each input file -> its output path; folders are walked, their layout kept
+    (see ``output_names``)."""
     pairs: list[tuple[Path, Path]] = []
     for item in inputs:
         if item.is_dir():
@@ -51,15 +64,8 @@ def plan(inputs: Sequence[Path], outdir: Path, suffix: str) -> list[Job]:
             pairs.append((item, Path(item.name)))
         else:
             raise FileNotFoundError(f"no such file or folder: {item}")
-    stems: dict[Path, int] = {}
-    for _, rel in pairs:
-        stems[rel.with_suffix("")] = stems.get(rel.with_suffix(""), 0) + 1
-    jobs = []
-    for source, rel in pairs:
-        clash = stems[rel.with_suffix("")] > 1
-        name = (rel.name if clash else rel.stem) + suffix
-        jobs.append(Job(source, outdir / rel.parent / name))
-    return jobs
+    names = output_names([rel for _, rel in pairs], suffix)
+    return [Job(source, outdir / name) for (source, _), name in zip(pairs, names, strict=True)]
 
 
 def _write(target: Path, data: bytes) -> None:
@@ -178,6 +184,61 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def settings_from(config: Path | None) -> AppSettings:
+    """The service's settings (its application's ``args``) from a Serve config file."""
+    import yaml
+
+    if config is None:
+        return AppSettings()
+    data = yaml.safe_load(config.read_text()) or {}
+    for app in data.get("applications", []):
+        if str(app.get("import_path", "")).startswith("deployments."):
+            return AppSettings.model_validate(app.get("args") or {})
+    raise ValueError(f"{config} has no application of this service (import_path deployments.*)")
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from deployments.settings import ModelConfig
+
+    # Imported here: bulk mode pulls in Ray Data, which the other commands never need.
+    try:
+        from deployments.bulk import BulkConfig, main_run
+    except ImportError as exc:
+        print(
+            f"bulk mode needs Ray Data ({exc.name} is missing): pip install 'rembg-serve[bulk]'",
+            file=sys.stderr,
+        )
+        return 2
+
+    config_file = args.config
+    if config_file is None and Path("serve_config.yaml").is_file():
+        config_file = Path("serve_config.yaml")
+    try:
+        query = options_from(args)
+        settings = settings_from(config_file)
+        if query.model is not None:
+            ModelConfig(name=query.model)  # a known name, or the error says which are
+    except (OSError, OptionsError, ValidationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = BulkConfig(
+        settings=settings,
+        model=query.model,
+        options=query.cutout(),
+        fmt=query.format,
+        batch_size=args.batch_size,
+        max_actors=args.actors,
+        progress=not args.quiet,
+    )
+    try:
+        return main_run(args.input, args.output, config, args.address)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     try:
         with Client(args.url, api_key=args.api_key, timeout_s=args.timeout) as client:
@@ -288,6 +349,33 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_option_flags(remove)
     remove.set_defaults(func=cmd_remove)
+
+    batch = sub.add_parser(
+        "batch", help="cut out a folder or bucket on Ray Data: the same model and pixels, no HTTP"
+    )
+    batch.add_argument("input", metavar="INPUT", help="a folder, a glob or a URI (s3://...)")
+    batch.add_argument("output", metavar="OUTPUT", help="a folder or URI; INPUT's layout is kept")
+    batch.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the service's settings from this Serve config (default: ./serve_config.yaml if any)",
+    )
+    batch.add_argument(
+        "--address",
+        default=None,
+        help="a running Ray cluster (auto, ray://...); default: start one",
+    )
+    batch.add_argument(
+        "--batch-size",
+        type=int,
+        default=LiveModelConfig().max_batch_size,
+        help="images per model run (%(default)s)",
+    )
+    batch.add_argument("--actors", type=int, default=None, help="model copies at most")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_option_flags(batch)
+    batch.set_defaults(func=cmd_batch)
 
     health = sub.add_parser("health", help="the service's health and models; exit 0 if healthy")
     _add_connection(health)

@@ -90,3 +90,28 @@ def test_cold_section_reports_each_path(tmp_path: Path) -> None:
     # Requests kept being answered while the replica started.
     assert replica["statuses_during"].get("200", 0) > 0, replica
     assert set(replica["statuses_during"]) <= {"200", "503"}, replica
+
+
+@pytest.mark.bench
+def test_bulk_section_reports_each_path(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bulk", "--quick", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["bulk"]
+
+    assert results["images"] == 12 and positive(results["megapixels"])
+    assert positive(results["model_limit"]["images_per_s"])
+    assert positive(results["pipeline"]["images_per_s"])
+    bulk = results["bulk"]
+    assert (bulk["done"], bulk["failed"], bulk["skipped"]) == (12, 0, 0)
+    assert positive(bulk["images_per_s"]) and positive(bulk["megapixels_per_s"])
+    assert 0 < bulk["first_results_s"] < bulk["seconds"]
+    assert all(0 < first <= peak for first, peak in bulk["actor_rss_mib"].values())
+    assert set(results["http_probe"]) == {"4", "8", "16"}
+    http = results["http"]
+    assert (http["images"], http["failed"]) == (12, 0) and positive(http["images_per_s"])
+    assert results["parity_with_http"]["compared"] > 0
+    assert results["parity_with_http"]["identical"]
+
+    targets = {t["name"]: t for t in json.loads(out.read_text())["targets"]}
+    assert targets["bulk = HTTP output (pixel-identical)"]["result"] == "PASS"
+    assert all(t["result"] in ("PASS", "FAIL", "SKIP") for t in targets.values())

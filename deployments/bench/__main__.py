@@ -1,8 +1,9 @@
 """``python -m deployments.bench``: the benchmark, every figure from one run on one machine.
 
 Sections (all by default): ``throughput`` (the model limit, the same stages in
-process, the service over HTTP and ``rembg s`` side by side) and ``cold`` (a start
-until the first cut-out, the first matting request, a new replica under load). It
+process, the service over HTTP and ``rembg s`` side by side), ``cold`` (a start
+until the first cut-out, the first matting request, a new replica under load) and
+``bulk`` (``rembg-serve batch`` on Ray Data against the HTTP path, same images). It
 prints a table with each target marked PASS or FAIL and writes everything as JSON.
 Compare the ratios, not the absolute figures: machines differ several times in raw
 speed.
@@ -19,10 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deployments.bench import cold, throughput
+from deployments.bench import bulk, cold, throughput
 from deployments.bench.harness import ROOT, Json, rembg_home, shared_images
 
-SECTIONS = ("throughput", "cold")
+SECTIONS = ("throughput", "cold", "bulk")
 
 
 def machine() -> str:
@@ -54,6 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     parser.add_argument(
         "--requests", type=int, default=48, help="requests per load phase (at least 2x its clients)"
+    )
+    parser.add_argument(
+        "--bulk-images", type=int, default=520, help="images of the bulk section (%(default)s)"
     )
     parser.add_argument("--quick", action="store_true", help="few requests (for tests)")
     parser.add_argument("--skip-peer", action="store_true")
@@ -105,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             results["cold"] = part
             targets += [judged(*t) for t in cold.targets(part)]
             lines += cold.table(part)
+        if "bulk" in sections:
+            count = 12 if args.quick else args.bulk_images
+            part = bulk.run_section(tmp, images, count, args.quick)
+            results["bulk"] = part
+            targets += [judged(*t) for t in bulk.targets(part)]
+            lines += bulk.table(part)
     results["targets"] = targets
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

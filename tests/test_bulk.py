@@ -1,0 +1,168 @@
+"""Bulk mode (``rembg-serve batch``) on a small local Ray: a folder end to end, the
+endpoint's pixels, a killed run resumed.
+
+Ray Data runs the real pipeline here: the embedded model in an actor, the
+service's stages, files read and written on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from conftest import FIXTURES, ROOT, SHARED_IMAGES, Service, gradient, image_bytes, load_image
+from deployments.bulk import FAILURES_NAME, BulkConfig, iter_failures, run
+from deployments.cli import main, settings_from
+from deployments.decode import Limits
+from deployments.options import CutoutOptions
+from deployments.settings import AppSettings
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[str]:
+    """A small local Ray for this module; its GCS address."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _pixels(data: bytes) -> tuple[str, tuple[int, int], np.ndarray]:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.mode, img.size, np.asarray(img)
+
+
+def _outputs(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_folder_end_to_end(local_ray: str, tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    for sub in ("a", "b", "bad", "big"):
+        (src / sub).mkdir(parents=True)
+    shutil.copy(FIXTURES / "car-1.jpg", src / "a" / "photo.jpg")
+    shutil.copy(FIXTURES / "plants-1.jpg", src / "b" / "photo.jpg")
+    # Same stem as a/photo.jpg in the same folder: both keep their full names.
+    (src / "a" / "photo.png").write_bytes(image_bytes(gradient(120, 90, "RGBA")))
+    (src / "bad" / "corrupt.jpg").write_bytes((FIXTURES / "car-1.jpg").read_bytes()[:300])
+    (src / "bad" / "notes.txt").write_text("not an image, not listed")
+    # 2400 x 2000 = 4.8 MP, over the run's 4 MP limit (a few KiB on disk).
+    (src / "big" / "huge.png").write_bytes(image_bytes(Image.new("RGB", (2400, 2000), "white")))
+    settings = AppSettings(limits=Limits(max_pixels=4_000_000), pixel_budget=4_000_000)
+    config = BulkConfig(settings=settings, progress=False)
+
+    summary = run(str(src), str(out), config)
+
+    assert (summary.done, summary.skipped, summary.failed) == (3, 0, 2)
+    assert _outputs(out) == {"a/photo.jpg.png", "a/photo.png.png", "b/photo.png", FAILURES_NAME}
+    for name, source in [("a/photo.jpg.png", "a/photo.jpg"), ("b/photo.png", "b/photo.jpg")]:
+        mode, size, alpha = _pixels((out / name).read_bytes())
+        assert mode == "RGBA" and size == load_image(src / source).size
+        assert 0 < alpha[..., 3].mean() < 255  # a cut-out, neither empty nor opaque
+    failures = {Path(f["path"]).name: f for f in iter_failures(str(out))}
+    assert set(failures) == {"corrupt.jpg", "huge.png"}
+    assert failures["corrupt.jpg"]["status"] == 415
+    assert failures["huge.png"]["status"] == 413 and "pixels" in failures["huge.png"]["message"]
+    assert summary.megapixels > 0 and summary.images_per_s > 0
+    assert summary.actor_rss_mib and all(p >= f > 0 for f, p in summary.actor_rss_mib.values())
+
+    # Run again: the outputs are there, only the failures are tried again.
+    again = run(str(src), str(out), config)
+    assert (again.done, again.skipped, again.failed) == (0, 3, 2)
+
+
+@pytest.mark.parametrize(
+    "options", [CutoutOptions(), CutoutOptions(bgcolor=(20, 40, 200, 255))], ids=["default", "bgc"]
+)
+def test_bulk_pixels_are_the_endpoints(
+    local_ray: str, service: Service, tmp_path: Path, options: CutoutOptions
+) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for path in SHARED_IMAGES:
+        shutil.copy(path, src / path.name)
+    # The settings the test service runs with: serve_config.yaml's.
+    settings = settings_from(ROOT / "serve_config.yaml")
+    summary = run(
+        str(src), str(out), BulkConfig(settings=settings, options=options, progress=False)
+    )
+    assert summary.done == len(SHARED_IMAGES) and summary.failed == 0
+
+    params = {"bgcolor": ",".join(map(str, options.bgcolor))} if options.bgcolor else {}
+    with service.client() as client:
+        for path in SHARED_IMAGES:
+            response = client.post("/remove", content=path.read_bytes(), params=params)
+            assert response.status_code == 200
+            served = _pixels(response.content)
+            bulk = _pixels((out / path.with_suffix(".png").name).read_bytes())
+            assert served[:2] == bulk[:2], path.name
+            assert np.array_equal(served[2], bulk[2]), f"{path.name}: pixels differ"
+
+
+def test_a_killed_run_resumes_without_redoing_anything(local_ray: str, tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    photos = [load_image(p).convert("RGB").resize((400, 300)) for p in SHARED_IMAGES]
+    for i in range(24):
+        folder = src / f"set{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        photos[i % len(photos)].save(folder / f"img{i:02d}.jpg", quality=90)
+    command = [sys.executable, "-m", "deployments.cli", "batch", str(src), str(out)]
+    driver = subprocess.Popen(
+        [*command, "--address", local_ray, "--batch-size", "2", "-q"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(out.rglob("*.png"))) < 4:
+            assert driver.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no outputs within 180 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    # Ray stops the dead driver's actors; wait until no more outputs appear.
+    before: dict[Path, int] = {}
+    while True:
+        time.sleep(3)
+        now = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+        if now == before:
+            break
+        before = now
+    assert 4 <= len(before) < 24, "the kill came too late to test a resume"
+    for path in before:
+        with Image.open(path) as img:
+            img.load()  # whole: a killed run leaves no half-written output
+
+    resumed = run(str(src), str(out), BulkConfig(progress=False))
+
+    assert (resumed.done, resumed.skipped, resumed.failed) == (24 - len(before), len(before), 0)
+    assert {p: p.stat().st_mtime_ns for p in before} == before, "a finished image was redone"
+    assert len(list(out.rglob("*.png"))) == 24
+    assert not list(out.rglob("*.part"))
+
+
+def test_cli_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["batch", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path), str(tmp_path / "out"), "--bgcolor", "red"]) == 2
+    assert "bgcolor" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
