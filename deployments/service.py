@@ -98,9 +98,19 @@ class Admission:
     is ``initial_rate`` (from the warm-up).
     """
 
-    def __init__(self, deadline_s: float, initial_rate: float, window: int = 32) -> None:
+    def __init__(
+        self,
+        deadline_s: float,
+        initial_rate: float,
+        window: int = 32,
+        max_in_flight: int | None = None,
+    ) -> None:
         self.deadline_s = deadline_s
         self.initial_rate = initial_rate
+        # A cap under Serve's own (max_ongoing_requests): Serve queues every
+        # request behind it, /healthz included, and answers 503 when its queue is
+        # full; requests refused here keep the last places free for those.
+        self.max_in_flight = max_in_flight
         self.in_flight = 0
         self._busy_s = 0.0
         self._busy_since: float | None = None
@@ -124,13 +134,16 @@ class Admission:
     def admit(self) -> None:
         """Count a request in, or raise ``Overloaded`` (503) if it would miss the deadline."""
         expected = self.expected_s()
-        if expected > self.deadline_s and self.in_flight > 0:
+        full = self.max_in_flight is not None and self.in_flight >= self.max_in_flight
+        if (expected > self.deadline_s or full) and self.in_flight > 0:
             drain_s = max(1, math.ceil(self.in_flight / self.rate()))
-            raise Overloaded(
-                f"busy: a request now would finish in about {expected:.0f}s, over the "
-                f"{self.deadline_s:.0f}s deadline; retry in {drain_s}s",
-                retry_after_s=drain_s,
+            why = (
+                f"{self.in_flight} requests in progress, the most this replica takes"
+                if full
+                else f"a request now would finish in about {expected:.0f}s, over the "
+                f"{self.deadline_s:.0f}s deadline"
             )
+            raise Overloaded(f"busy: {why}; retry in {drain_s}s", retry_after_s=drain_s)
         if self.in_flight == 0:
             self._busy_since = time.monotonic()
         self.in_flight += 1
@@ -261,7 +274,13 @@ async def _compile_refiners_aside(
 class Remover:
     """Decode, resize, ask the model, compose, encode: one replica's share of the work."""
 
-    def __init__(self, settings: AppSettings, models: Mapping[str, Predict], threads: int) -> None:
+    def __init__(
+        self,
+        settings: AppSettings,
+        models: Mapping[str, Predict],
+        threads: int,
+        max_in_flight: int | None = None,
+    ) -> None:
         self.settings = settings
         self.models = dict(models)
         self.specs = {name: spec_for(name) for name in models}
@@ -272,9 +291,12 @@ class Remover:
         self.budget = PixelBudget(settings.pixel_budget)
         self.refine_state: dict[str, object] = {"warm": False}
         # Until the warm-up times one image: ten in the deadline.
-        self.admission = Admission(settings.deadline_s, 10 / settings.deadline_s)
+        self.admission = Admission(
+            settings.deadline_s, 10 / settings.deadline_s, max_in_flight=max_in_flight
+        )
         self._trim = _malloc_trim()
         self._trimmed = 0.0
+        self._trim_pending = False
 
     async def in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -304,11 +326,29 @@ class Remover:
             completed = True
         finally:
             self.admission.release(completed)
-            now = time.monotonic()
-            if self.admission.in_flight == 0 and self._trim and now - self._trimmed > 2:
-                # Not awaited: the answer does not wait for it.
-                self._trimmed = now
-                asyncio.get_running_loop().run_in_executor(self.pool, self._trim)
+            if self.admission.in_flight == 0:
+                self._trim_when_idle()
+
+    def _trim_when_idle(self, every_s: float = 2.0) -> None:
+        """Give the C heap's free memory back now, or, if that was done less than
+        ``every_s`` ago, once ``every_s`` has passed, if the replica is still idle
+        then (the last request of a burst must not leave its memory held)."""
+        if self._trim is None:
+            return
+        loop = asyncio.get_running_loop()
+        wait_s = self._trimmed + every_s - time.monotonic()
+        if wait_s <= 0:
+            self._trimmed = time.monotonic()
+            # Not awaited: the answer does not wait for it.
+            loop.run_in_executor(self.pool, self._trim)
+        elif not self._trim_pending:
+            self._trim_pending = True
+            loop.call_later(wait_s, self._trim_later)
+
+    def _trim_later(self) -> None:
+        self._trim_pending = False
+        if self.admission.in_flight == 0:
+            self._trim_when_idle()
 
     async def remove(self, job: Job) -> Served:
         name = self.model_name(job)

@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,8 @@ def test_large_uploads_behind_a_busy_model_stay_within_budget(half_speed: Observ
     ingress replica takes it as soon as a request is assigned to it: what they hold
     is bounded by the admission caps (max_ongoing + max_queued requests of the
     ingress) times the upload size, and by the ingress's pixel budget once decoded.
-    40 uploads of 19 MiB at once, queued behind 8 clients keeping the model busy."""
+    Two waves of 40 uploads of 19 MiB at once, queued behind 8 clients keeping the
+    model busy, each followed by 10 s idle."""
     service, images = half_speed.service, shared_images()
     big = noise_png()
     replicas = serve_replicas(service.process.pid)
@@ -205,31 +207,46 @@ def test_large_uploads_behind_a_busy_model_stay_within_budget(half_speed: Observ
     watch = [ingress, *proxy]
     settings = deployment_options(serve_config(0), "Ingress")
     held = settings["max_ongoing_requests"] + settings["max_queued_requests"]
-    with Load(service.url, images, 8):
-        time.sleep(5)
-        with rss_peaks(watch, 0.05) as peaks:
-            baseline = dict(peaks)
-            uploads = run_load(service.url, {"noise.png": big}, 40, total=40, timeout_s=300)
-    time.sleep(10)  # idle: the ingress gives its freed memory back
-    after = {pid: rss_bytes(pid) for pid in watch}
-    growth = {pid: peaks[pid] - baseline[pid] for pid in watch}
-    kept = {pid: after[pid] - baseline[pid] for pid in watch}
-    print(
-        f"\n40 uploads of {len(big) / 2**20:.1f} MiB: {dict(uploads.statuses())} in "
-        f"{uploads.duration_s:.0f}s\n"
-        f"  ingress RSS +{growth[ingress] >> 20} MiB at peak, +{kept[ingress] >> 20} MiB after\n"
-        f"  proxy RSS +{growth[proxy[0]] >> 20} MiB at peak, +{kept[proxy[0]] >> 20} MiB after"
-    )
-    assert set(uploads.statuses()) <= {200, 503}, uploads.statuses()
+    # Private memory leaves out the pages of Ray's object store that the bodies
+    # crossed: shared memory, bounded by the store's size, counted once per node.
+    baseline = {pid: rss_bytes(pid) for pid in watch}
+    own_baseline = {pid: private_bytes(pid) for pid in watch}
+    statuses: Counter[int] = Counter()
+    peak_growth = dict.fromkeys(watch, 0)
+    own_kept: list[dict[int, int]] = []
+    lines = [f"\n2 x 40 uploads of {len(big) / 2**20:.1f} MiB"]
+    for wave in (1, 2):
+        with Load(service.url, images, 8):
+            time.sleep(5)
+            with rss_peaks(watch, 0.05) as peaks:
+                uploads = run_load(service.url, {"noise.png": big}, 40, total=40, timeout_s=300)
+        time.sleep(10)  # idle: the ingress gives its freed memory back
+        statuses.update(uploads.statuses())
+        for pid in watch:
+            peak_growth[pid] = max(peak_growth[pid], peaks[pid] - baseline[pid])
+        kept = {pid: rss_bytes(pid) - baseline[pid] for pid in watch}
+        own_kept.append({pid: private_bytes(pid) - own_baseline[pid] for pid in watch})
+        lines += [
+            f"  wave {wave}: {dict(uploads.statuses())} in {uploads.duration_s:.0f}s",
+            f"    ingress RSS +{peak_growth[ingress] >> 20} MiB at peak, +{kept[ingress] >> 20}"
+            f" MiB after (private +{own_kept[-1][ingress] >> 20} MiB)",
+            f"    proxy RSS +{peak_growth[proxy[0]] >> 20} MiB at peak, +{kept[proxy[0]] >> 20}"
+            f" MiB after (private +{own_kept[-1][proxy[0]] >> 20} MiB)",
+        ]
+    print("\n".join(lines))
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[200] > 0, statuses
     # The stated budgets (config/README.md): the proxy holds at most `held` bodies;
     # the ingress at most max_ongoing bodies plus its pixel budget (~12 B a pixel).
     budget = AppSettings.model_validate(serve_config(0)["applications"][0]["args"])
     proxy_budget = held * len(big) * 1.5
     ingress_budget = settings["max_ongoing_requests"] * len(big) + 12 * budget.pixel_budget
-    assert all(growth[p] <= proxy_budget for p in proxy), (growth, proxy_budget)
-    assert growth[ingress] <= ingress_budget, (growth, ingress_budget)
-    # And it comes back down: the ingress to within 150 MiB of where it was (it
-    # trims its C heap when idle); Serve's proxy keeps part of its peak (its own
-    # allocator's), stated as at most 256 MiB.
-    assert kept[ingress] <= 150 * 2**20, kept
-    assert all(kept[p] <= 256 * 2**20 for p in proxy), kept
+    assert all(peak_growth[p] <= proxy_budget for p in proxy), (peak_growth, proxy_budget)
+    assert peak_growth[ingress] <= ingress_budget, (peak_growth, ingress_budget)
+    # And it comes back down: the ingress's own memory to within 150 MiB of where
+    # it was after each wave (it trims its C heap when idle). Serve's proxy keeps
+    # part of its peak (its own allocator's), but a second wave does not add to it:
+    # it is reused, not leaked.
+    assert all(kept[ingress] <= 150 * 2**20 for kept in own_kept), own_kept
+    first, second = own_kept
+    assert all(second[p] <= first[p] + 64 * 2**20 for p in proxy), own_kept

@@ -36,6 +36,20 @@ def test_admission_refuses_what_would_miss_the_deadline() -> None:
     assert admission.in_flight == 10
 
 
+def test_admission_keeps_places_free_under_its_cap() -> None:
+    # The deadline would take 100; the cap (Serve's max_ongoing_requests less the
+    # places kept for /healthz) takes 3.
+    admission = Admission(deadline_s=100, initial_rate=1.0, max_in_flight=3)
+    for _ in range(3):
+        admission.admit()
+    with pytest.raises(Overloaded) as refused:
+        admission.admit()
+    assert "3 requests in progress" in refused.value.message
+    assert refused.value.headers == {"Retry-After": "3"}
+    admission.release(completed=True)
+    admission.admit()
+
+
 def test_admission_always_takes_one_when_idle() -> None:
     admission = Admission(deadline_s=1, initial_rate=0.01)  # a very slow estimate
     admission.admit()
