@@ -4,16 +4,15 @@ rembg-serve batch photos/ cutouts/ --model u2netp
 
 ``plan`` lists the inputs and maps each to its output, the folders kept (as
 ``rembg-serve remove`` does, same-named files apart), leaving out those already
-written: a rerun resumes. ``run`` then streams the rest through Ray Data:
-
-    read + decode + resize (tasks) -> the model (an actor pool, one warm
-    ``OnnxModel`` per actor, batched) -> decode + compose + encode + write (tasks)
-
-with the stages of the service (``deployments.pipeline``), so that a cut-out is the
-endpoint's, pixel for pixel. Each output is written under a temporary name and
-renamed: a killed run never leaves a half-written file. An image that cannot be
-read, decoded or served becomes a row of the failures report, never an error of
-the run.
+written: a rerun resumes. ``run`` then streams the rest, as batches of file names,
+to an autoscaling Ray Data actor pool of ``Cutter``: each actor holds one warm
+``OnnxModel`` and runs the service's stages (``deployments.pipeline``) around it,
+read + decode + resize -> the model, on the batch -> compose + encode + write, so
+that a cut-out is the endpoint's, pixel for pixel, and nothing but names and
+results crosses Ray's object store. Each output is written under a temporary name
+and renamed: a killed run never leaves a half-written file. An image that cannot
+be read, decoded or served becomes a line of the failures report, never an error
+of the run. One run at a time per output folder.
 
 Paths are local, or any URI pyarrow's filesystems open (``s3://``, ``gs://``,
 ``abfs://``, ``hdfs://``), each node reading and writing directly.
@@ -29,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -40,7 +40,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from deployments.compose import RefineLimits
-from deployments.decode import Limits
+from deployments.decode import Limits, probe
 from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
@@ -120,16 +120,22 @@ def plan(input_uri: str, output_uri: str, suffix: str) -> Plan:
         else:
             present.add(f.path)
     pairs = [
-        (src, f"{out_root}/{name.as_posix()}") for (src, _), name in zip(inputs, names, strict=True)
+        (src, f"{out_root}/{name.as_posix()}")
+        for (src, _), name in zip(inputs, names, strict=True)
+        # OUTPUT inside INPUT: the cut-outs are not inputs of the next run.
+        if not src.startswith(out_root + "/")
     ]
     todo = [(src, target) for src, target in pairs if target not in present]
     return Plan(todo=todo, skipped=len(pairs) - len(todo), output_root=out_root)
 
 
 def _rss_mib() -> float:
-    """This process's resident memory now, in MiB."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """This process's resident memory now, in MiB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:
@@ -160,6 +166,31 @@ def _write(fs: pafs.FileSystem, target: str, body: bytes) -> None:
     fs.move(partial, target)
 
 
+class PixelBudget:
+    """Decoded pixels one actor holds at once (the service's ``pixel_budget``).
+
+    A call takes room for its whole batch in one step (at most the whole budget),
+    so that calls never hold part of it while waiting for the rest.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.capacity = self.free = pixels
+        self.room = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.capacity)
+        with self.room:
+            self.room.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            with self.room:
+                self.free += pixels
+                self.room.notify_all()
+
+
 @dataclass(frozen=True)
 class Job:
     """What every image of a run gets: the cut-out, its format and the limits."""
@@ -171,6 +202,7 @@ class Job:
     limits: Limits
     png_compress_level: int
     refine: RefineLimits
+    pixel_budget: int
 
 
 class Cutter:
@@ -210,6 +242,7 @@ class Cutter:
         self.source_fs, _ = filesystem(job.input_uri)
         self.target_fs, _ = filesystem(job.output_uri)
         self.model_lock = threading.Lock()
+        self.budget = PixelBudget(job.pixel_budget)
         self.actor = context.get_actor_id() or f"pid {os.getpid()}"
         logger.info(
             "model %s: %s, batch shapes %s, loaded in %.2fs, warm in %.2fs",
@@ -226,14 +259,42 @@ class Cutter:
         status = np.zeros(n, dtype=np.int16)
         message = np.full(n, "", dtype=object)
         pixels = np.zeros(n, dtype=np.int64)
-        prepared: dict[int, Prepared] = {}
+        files: dict[int, bytes] = {}
         for i, source in enumerate(batch["source"]):
             try:
-                data = _read(self.source_fs, str(source), job.limits)
+                files[i] = _read(self.source_fs, str(source), job.limits)
+                width, height = probe(files[i], job.limits)
+                pixels[i] = width * height
+            except Exception as exc:  # one bad file fails alone
+                files.pop(i, None)
+                status[i], message[i] = _failure(exc)
+        with self.budget.hold(int(pixels.sum())):
+            self._cut(batch, files, status, message)
+        return {
+            "source": batch["source"],
+            "status": status,
+            "message": message,
+            "pixels": pixels,
+            "actor": np.full(n, self.actor, dtype=object),
+            "rss_mib": np.full(n, _rss_mib()),
+        }
+
+    def _cut(
+        self,
+        batch: dict[str, npt.NDArray[Any]],
+        files: dict[int, bytes],
+        status: npt.NDArray[np.int16],
+        message: npt.NDArray[Any],
+    ) -> None:
+        """Decode, the model, compose, encode and write; a failure is its image's."""
+        job = self.job
+        prepared: dict[int, Prepared] = {}
+        for i, data in files.items():
+            try:
                 prepared[i] = prepare(data, self.model.spec, job.limits)
-                pixels[i] = prepared[i].image.width * prepared[i].image.height
             except Exception as exc:  # one bad file fails alone
                 status[i], message[i] = _failure(exc)
+        files.clear()
         masks: dict[int, npt.NDArray[np.uint8]] = {}
         if prepared:
             try:
@@ -253,14 +314,6 @@ class Cutter:
                 _write(self.target_fs, str(batch["target"][i]), body)
             except Exception as exc:  # one bad image fails alone
                 status[i], message[i] = _failure(exc)
-        return {
-            "source": batch["source"],
-            "status": status,
-            "message": message,
-            "pixels": pixels,
-            "actor": np.full(n, self.actor, dtype=object),
-            "rss_mib": np.full(n, _rss_mib()),
-        }
 
 
 @dataclass
@@ -272,9 +325,12 @@ class Summary:
     failed: int = 0
     seconds: float = 0.0
     # Seconds until the first results (Ray Data's start, the actors' model load
-    # and warm-up) and the images in them: the rest is the steady rate.
+    # and warm-up).
     first_results_s: float = 0.0
-    first_results: int = 0
+    # When the pool was full (as many images out as its calls hold at once) and
+    # the images out by then: the steady rate is measured from there.
+    steady_from_s: float = 0.0
+    steady_from: int = 0
     megapixels: float = 0.0
     failures: list[tuple[str, int, str]] = field(default_factory=list)
     # Per actor: its RSS after its first batch, and the highest seen after a batch.
@@ -286,10 +342,11 @@ class Summary:
 
     @property
     def steady_images_per_s(self) -> float:
-        """Images/s once the first results came (the start left out)."""
-        rest = self.done + self.failed - self.first_results
-        seconds = self.seconds - self.first_results_s
-        return rest / seconds if rest > 0 and seconds > 0 else 0.0
+        """Images/s once the pool was full (its start left out); 0 for a run too
+        short to tell."""
+        rest = self.done + self.failed - self.steady_from
+        seconds = self.seconds - self.steady_from_s
+        return rest / seconds if self.steady_from and rest > 0 and seconds > 0 else 0.0
 
     @property
     def megapixels_per_s(self) -> float:
@@ -382,6 +439,7 @@ def run(input_uri: str, output_uri: str, config: BulkConfig) -> Summary:
             limits=settings.limits,
             png_compress_level=settings.png_compress_level,
             refine=settings.refine,
+            pixel_budget=settings.pixel_budget,
         )
         dataset = ray.data.from_items(
             [{"source": s, "target": t} for s, t in work.todo],
@@ -405,11 +463,17 @@ def run(input_uri: str, output_uri: str, config: BulkConfig) -> Summary:
             },
             **resources,
         )
+        # Images the pool holds at once: those out before that many are partly
+        # the start's.
+        in_flight = actors * config.calls_per_actor * config.batch_size
         for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             if not summary.first_results_s:
                 summary.first_results_s = time.perf_counter() - started
-                summary.first_results = len(rows["source"])
             summary.add(rows)
+            out = summary.done + summary.failed
+            if not summary.steady_from and out >= in_flight and out < len(work.todo):
+                summary.steady_from_s = time.perf_counter() - started
+                summary.steady_from = out
     summary.seconds = time.perf_counter() - started
     _write_failures(output_uri, summary.failures)
     return summary
@@ -446,9 +510,14 @@ def report(summary: Summary, output_uri: str) -> str:
     """The summary a person reads at the end of a run."""
     lines = [
         f"{summary.done} done, {summary.skipped} already there, {summary.failed} failed "
-        f"in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "
-        f"({summary.steady_images_per_s:.2f} after the first results at "
-        f"{summary.first_results_s:.1f}s), {summary.megapixels_per_s:.2f} MP/s -> {output_uri}"
+        f"in {summary.seconds:.1f}s (first results at {summary.first_results_s:.1f}s): "
+        f"{summary.images_per_s:.2f} images/s, {summary.megapixels_per_s:.2f} MP/s"
+        + (
+            f" ({summary.steady_images_per_s:.2f} images/s once under way)"
+            if summary.steady_images_per_s
+            else ""
+        )
+        + f" -> {output_uri}"
     ]
     for actor, (first, peak) in sorted(summary.actor_rss_mib.items()):
         lines.append(

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import ray
 from PIL import Image
 
 from conftest import FIXTURES, ROOT, SHARED_IMAGES, Service, gradient, image_bytes, load_image
-from deployments.bulk import FAILURES_NAME, BulkConfig, iter_failures, run
+from deployments.bulk import FAILURES_NAME, BulkConfig, PixelBudget, iter_failures, run
 from deployments.cli import main, settings_from
 from deployments.decode import Limits
 from deployments.options import CutoutOptions
@@ -166,3 +167,24 @@ def test_cli_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["batch", str(tmp_path), str(tmp_path / "out"), "--bgcolor", "red"]) == 2
     assert "bgcolor" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_pixel_budget_waits_for_room_and_takes_at_most_all_of_it() -> None:
+    budget = PixelBudget(100)
+    entered = threading.Event()
+
+    def second() -> None:
+        with budget.hold(50):
+            entered.set()
+
+    with budget.hold(80):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not entered.wait(0.3), "80 + 50 pixels held at once in a budget of 100"
+    assert entered.wait(5)
+    thread.join()
+    # A batch larger than the whole budget takes all of it (the limits let one
+    # image fit), never waiting for room that cannot come.
+    with budget.hold(10**9):
+        assert budget.free == 0
+    assert budget.free == 100
