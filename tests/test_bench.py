@@ -53,7 +53,8 @@ def test_quick_throughput_section_reports_every_figure(tmp_path: Path) -> None:
         # replicas, /models answers from one of them).
         formed = phase["batch_sizes_formed"]
         assert 0 < sum(int(k) * v for k, v in formed.items()) <= phase["requests"], name
-    assert any("ServeReplica" in t for t in service["processes"].values())
+    # The replicas measured: pid -> deployment.
+    assert set(service["processes"].values()) == {"Ingress", "Model_u2netp"}
     for name in ("12mp", "24mp"):
         big = service["large"][name]
         assert big["status"] == 200 and positive(big["response_bytes"]), name
@@ -115,3 +116,22 @@ def test_bulk_section_reports_each_path(tmp_path: Path) -> None:
     targets = {t["name"]: t for t in json.loads(out.read_text())["targets"]}
     assert targets["bulk = HTTP output (pixel-identical)"]["result"] == "PASS"
     assert all(t["result"] in ("PASS", "FAIL", "SKIP") for t in targets.values())
+
+
+@pytest.mark.bench
+def test_quick_stages_section_reports_each_stage(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["stages", "--quick", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["stages"]["rows"]
+    for kind in ("jpeg", "png", "rgba-png"):
+        sizes = sorted(r["megapixels"] for r in rows if r["input"] == kind)
+        assert sizes == pytest.approx([0.5, 2.0], rel=0.01), kind
+    for r in rows:
+        per = r["default_ms_per_mp"]
+        assert set(per) == {"decode", "resize", "normalise", "mask_upscale", "compose", "encode"}
+        assert all(positive(v) for v in per.values()), r
+        assert r["default_total_ms_per_mp"] == pytest.approx(sum(per.values()), abs=0.05)
+        assert positive(r["pillow_decode_ms_per_mp"]) and positive(
+            r["default_total_x_pillow_decode"]
+        )
+        assert set(r["outputs_ms_per_mp"]) == {"png", "only_mask", "bgcolor", "webp"}

@@ -1,6 +1,7 @@
 """``python -m deployments.bench``: the benchmark, every figure from one run on one machine.
 
-Sections (all by default): ``throughput`` (the model limit, the same stages in
+Sections (all by default): ``stages`` (the CPU each stage outside the model costs
+per megapixel, against Pillow's decode), ``throughput`` (the model limit, the same stages in
 process, the service over HTTP and ``rembg s`` side by side), ``cold`` (a start
 until the first cut-out, the first matting request, a new replica under load) and
 ``bulk`` (``rembg-serve batch`` on Ray Data against the HTTP path, same images). It
@@ -20,10 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from deployments.bench import bulk, cold, throughput
+from deployments.bench import bulk, cold, stages, throughput
 from deployments.bench.harness import ROOT, Json, rembg_home, shared_images
 
-SECTIONS = ("throughput", "cold", "bulk")
+SECTIONS = ("stages", "throughput", "cold", "bulk")
 
 
 def machine() -> str:
@@ -86,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rembg-bench-") as tmp_name:
         tmp = Path(tmp_name)
         home = rembg_home(tmp)
+        if "stages" in sections:
+            part = stages.run_section(images, args.quick)
+            results["stages"] = part
+            targets += [judged(*t) for t in stages.targets(part)]
+            lines += stages.table(part)
         if "throughput" in sections:
             peer: Path | None = None
             if not args.skip_peer:

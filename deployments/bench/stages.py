@@ -1,0 +1,159 @@
+"""The CPU each stage outside the model costs, per megapixel, against Pillow's decode.
+
+For JPEG, PNG and RGBA-PNG inputs at 0.5, 2, 12 and 24 megapixels (car-1.jpg
+resized), this process's CPU time (``time.process_time``: every thread's) of each
+stage the service runs around the model, median of ``repeats``:
+
+- per input: decode, resize to the model's input, normalise (the model replica's
+  share), mask upscale;
+- per output: compose and encode, for the default PNG cut-out, ``only_mask``,
+  ``bgcolor`` and WebP.
+
+The yardstick is Pillow's own decode of the same file (``Image.open`` + ``load``):
+dividing by it makes the figure comparable across machines. The mask is the
+model's own for that image. Serve's share (proxy, ingress, handle) is not in it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from PIL import Image
+
+from deployments.bench.harness import Json
+from deployments.compose import RefineLimits, compose, mask_to_size
+from deployments.decode import Limits, decode
+from deployments.encode import encode
+from deployments.infer import OnnxModel
+from deployments.models import resolve_model_file, spec_for
+from deployments.options import CutoutOptions, OutputFormat
+from deployments.preprocess import model_input, normalize_batch
+from deployments.runtime import RuntimeConfig
+
+T = TypeVar("T")
+
+MEGAPIXELS = (0.5, 2.0, 12.0, 24.0)
+INPUTS = ("jpeg", "png", "rgba-png")
+OUTPUTS: dict[str, tuple[CutoutOptions, OutputFormat]] = {
+    "png": (CutoutOptions(), "png"),
+    "only_mask": (CutoutOptions(only_mask=True), "png"),
+    "bgcolor": (CutoutOptions(bgcolor=(255, 255, 255, 255)), "png"),
+    "webp": (CutoutOptions(), "webp"),
+}
+# The stages of the default JPEG -> PNG path, in order.
+DEFAULT_PATH = ("decode", "resize", "normalise", "mask_upscale", "compose", "encode")
+
+
+def make_input(photo: Image.Image, megapixels: float, kind: str) -> bytes:
+    """``photo`` resized to ``megapixels`` (4:3), as a file of ``kind``."""
+    width = round(math.sqrt(megapixels * 1e6 * 4 / 3))
+    img = photo.resize((width, round(width * 3 / 4)), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    if kind == "jpeg":
+        img.save(out, "JPEG", quality=90)
+    elif kind == "png":
+        img.save(out, "PNG")
+    else:
+        rgba = img.convert("RGBA")
+        rgba.putalpha(img.convert("L"))
+        rgba.save(out, "PNG")
+    return out.getvalue()
+
+
+def cpu_ms(work: Callable[[], T], repeats: int) -> tuple[float, T]:
+    """The median CPU milliseconds of ``work()`` over ``repeats`` runs, and its result."""
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.process_time()
+        result = work()
+        times.append((time.process_time() - started) * 1000)
+    assert result is not None
+    return statistics.median(times), result
+
+
+def _pillow_decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img
+
+
+def measure_one(model: OnnxModel, data: bytes, repeats: int) -> Json:
+    """One input file: CPU ms per megapixel of each stage, and of each output's."""
+    spec, limits = model.spec, Limits()
+    yardstick, _ = cpu_ms(partial(_pillow_decode, data), repeats)
+    stages: dict[str, float] = {}
+    stages["decode"], image = cpu_ms(partial(decode, data, limits), repeats)
+    stages["resize"], small = cpu_ms(partial(model_input, image, spec.size), repeats)
+    stages["normalise"], _ = cpu_ms(partial(normalize_batch, [small], spec), repeats)
+    mask = model.predict([small])[0]
+    stages["mask_upscale"], full = cpu_ms(partial(mask_to_size, mask, image.size), repeats)
+    outputs: dict[str, float] = {}
+    for name, (options, fmt) in OUTPUTS.items():
+        composed, cutout = cpu_ms(partial(compose, image, full, options, RefineLimits()), repeats)
+        encoded, _ = cpu_ms(partial(encode, cutout, fmt), repeats)
+        outputs[name] = composed + encoded
+        if name == "png":
+            stages["compose"], stages["encode"] = composed, encoded
+    actual = image.width * image.height / 1e6
+    per_mp = {k: round(v / actual, 2) for k, v in stages.items()}
+    total = sum(per_mp[s] for s in DEFAULT_PATH)
+    return {
+        "megapixels": round(actual, 2),
+        "bytes": len(data),
+        "pillow_decode_ms_per_mp": round(yardstick / actual, 2),
+        "default_ms_per_mp": per_mp,
+        "default_total_ms_per_mp": round(total, 2),
+        "default_total_x_pillow_decode": round(total / (yardstick / actual), 2),
+        "outputs_ms_per_mp": {name: round(v / actual, 2) for name, v in outputs.items()},
+    }
+
+
+def measure(photo: bytes, megapixels: tuple[float, ...], repeats: int) -> Json:
+    """CPU ms per megapixel of each stage, for every input kind and size."""
+    spec = spec_for("u2netp")
+    model = OnnxModel(resolve_model_file("u2netp"), spec, RuntimeConfig(intra_op_threads=1), 1)
+    with Image.open(io.BytesIO(photo)) as source:
+        base = source.convert("RGB")
+    rows = [
+        {"input": kind, **measure_one(model, make_input(base, mp, kind), repeats)}
+        for kind in INPUTS
+        for mp in megapixels
+    ]
+    return {"repeats": repeats, "rows": rows}
+
+
+def run_section(images: dict[str, bytes], quick: bool) -> Json:
+    photo = images.get("car-1.jpg") or next(iter(images.values()))
+    print("stages: CPU per megapixel of each stage ...", flush=True)
+    return measure(photo, MEGAPIXELS[:2] if quick else MEGAPIXELS, 1 if quick else 5)
+
+
+def targets(results: Json) -> list[tuple[str, float | bool | None, str, float | None]]:
+    jpeg = [r for r in results["rows"] if r["input"] == "jpeg"]
+    worst = max(r["default_total_x_pillow_decode"] for r in jpeg)
+    # In process, Serve's share left out: a floor under the served figure.
+    return [("stages JPEG->PNG CPU/MP / Pillow decode", worst, "<=", 5.5)]
+
+
+def table(results: Json) -> list[str]:
+    head = (
+        f"{'input':9}{'MP':>6}{'pillow':>8}"
+        + "".join(f"{s[:8]:>9}" for s in DEFAULT_PATH)
+        + f"{'total':>8}{'x dec':>7}  other outputs (compose+encode)"
+    )
+    lines = ["", f"stages: CPU ms per megapixel (median of {results['repeats']})", head]
+    for r in results["rows"]:
+        per: dict[str, Any] = r["default_ms_per_mp"]
+        others = ", ".join(f"{k} {v}" for k, v in r["outputs_ms_per_mp"].items() if k != "png")
+        lines.append(
+            f"{r['input']:9}{r['megapixels']:>6}{r['pillow_decode_ms_per_mp']:>8}"
+            + "".join(f"{per[s]:>9}" for s in DEFAULT_PATH)
+            + f"{r['default_total_ms_per_mp']:>8}{r['default_total_x_pillow_decode']:>7}  {others}"
+        )
+    return lines
