@@ -26,13 +26,11 @@ from ray.serve.schema import ServeStatus
 from deployments.api import HttpSettings, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
-from deployments.service import Job, Remover, Served
+from deployments.service import Job, Remover, Served, images_in_flight
 from deployments.settings import AppSettings, deployment_name
 
 logger = logging.getLogger("ray.serve")
 
-# Places of the replica's max_ongoing_requests that image requests leave free.
-HEALTH_RESERVE = 4
 # How old Serve's status may be when /healthz answers from it.
 _STATUS_S = 1.0
 
@@ -94,10 +92,8 @@ class Ingress:
         )
         threads = self.settings.ingress_threads or os.cpu_count() or 2
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
-        # Serve queues every request behind max_ongoing_requests, /healthz and
-        # /models included: image work leaves the last places to them.
         serving = serve.get_replica_context()._deployment_config.max_ongoing_requests
-        self.remover = Remover(self.settings, predictors, threads, max(1, serving - HEALTH_RESERVE))
+        self.remover = Remover(self.settings, predictors, threads, images_in_flight(serving))
         self.app_name = serve.get_replica_context().app_name
         self._status: tuple[float, ServeStatus] | None = None
         self._status_task: asyncio.Future[ServeStatus] | None = None

@@ -84,6 +84,23 @@ class Served:
     timings: Timings
 
 
+# Places of an ingress replica's max_ongoing_requests that image requests leave free.
+HEALTH_RESERVE = 4
+
+
+def images_in_flight(max_ongoing_requests: int) -> int:
+    """The image requests one replica takes at once.
+
+    Serve queues every request behind ``max_ongoing_requests``, /healthz and
+    /models included: image work leaves ``HEALTH_RESERVE`` places to them where
+    the cap is large enough to spare them (serve_config.yaml's 48), and takes the
+    whole cap where it is small (Serve's default, 5).
+    """
+    if max_ongoing_requests >= 4 * HEALTH_RESERVE:
+        return max_ongoing_requests - HEALTH_RESERVE
+    return max_ongoing_requests
+
+
 class Admission:
     """Admit a request only if it can finish within the deadline, at the measured rate.
 

@@ -19,7 +19,7 @@ from deployments import service
 from deployments.compose import warm_refine
 from deployments.errors import Overloaded, PayloadTooLarge
 from deployments.options import CutoutOptions
-from deployments.service import Admission, Job, PixelBudget, Remover
+from deployments.service import Admission, Job, PixelBudget, Remover, images_in_flight
 from deployments.settings import AppSettings
 
 
@@ -48,6 +48,13 @@ def test_admission_keeps_places_free_under_its_cap() -> None:
     assert refused.value.headers == {"Retry-After": "3"}
     admission.release(completed=True)
     admission.admit()
+
+
+def test_image_requests_leave_places_for_health_only_where_there_are_places_to_spare() -> None:
+    assert images_in_flight(48) == 44  # serve_config.yaml's ingress
+    assert images_in_flight(16) == 12
+    assert images_in_flight(5) == 5  # Serve's default: no place to spare
+    assert images_in_flight(1) == 1
 
 
 def test_admission_always_takes_one_when_idle() -> None:
