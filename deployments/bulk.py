@@ -536,6 +536,11 @@ def main_run(input_uri: str, output_uri: str, config: BulkConfig, address: str |
     """The ``rembg-serve batch`` command: connects to a cluster or starts one."""
     if "://" not in input_uri and not glob.has_magic(input_uri) and not Path(input_uri).exists():
         raise FileNotFoundError(f"no such file or folder: {input_uri}")
+    if address is None:
+        # On this machine the actors find the model where this process does: a
+        # missing one is said now, not as an actor's failure after Ray started.
+        model = _model_config(config)
+        resolve_model_file(model.name, model.path)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, logging_level=logging.WARNING)

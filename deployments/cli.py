@@ -200,6 +200,7 @@ def settings_from(config: Path | None) -> AppSettings:
 def cmd_batch(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from deployments.errors import ModelUnavailable
     from deployments.settings import ModelConfig
 
     # Imported here: bulk mode pulls in Ray Data, which the other commands never need.
@@ -234,7 +235,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     )
     try:
         return main_run(args.input, args.output, config, args.address)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ModelUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -159,13 +159,20 @@ def test_a_killed_run_resumes_without_redoing_anything(local_ray: str, tmp_path:
     assert not list(out.rglob("*.part"))
 
 
-def test_cli_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["batch", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["batch", str(tmp_path), str(tmp_path / "out"), "--model", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert main(["batch", str(tmp_path), str(tmp_path / "out"), "--bgcolor", "red"]) == 2
     assert "bgcolor" in capsys.readouterr().err
+    # A known model that is not in the store (an empty one here): said before Ray starts.
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "store"))
+    assert main(["batch", str(tmp_path), str(tmp_path / "out"), "--model", "u2net"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "rembg-serve fetch u2net" in err, err
     assert not (tmp_path / "out").exists()
 
 
