@@ -92,8 +92,12 @@ class Ingress:
         )
         threads = self.settings.ingress_threads or os.cpu_count() or 2
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
-        serving = serve.get_replica_context()._deployment_config.max_ongoing_requests
-        self.remover = Remover(self.settings, predictors, threads, images_in_flight(serving))
+        # Serve's cap for this replica (a field its replica context carries).
+        deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
+        serving = getattr(deployment, "max_ongoing_requests", None)
+        self.remover = Remover(
+            self.settings, predictors, threads, images_in_flight(serving) if serving else None
+        )
         self.app_name = serve.get_replica_context().app_name
         self._status: tuple[float, ServeStatus] | None = None
         self._status_task: asyncio.Future[ServeStatus] | None = None
