@@ -39,6 +39,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from deployments.cli import IMAGE_SUFFIXES, output_names
 from deployments.compose import RefineLimits
 from deployments.decode import Limits, probe
 from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
@@ -49,7 +50,6 @@ from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FAILURES_NAME = "_failures.jsonl"
 _PARTIAL = ".part"
 
@@ -105,8 +105,6 @@ class Plan:
 
 def plan(input_uri: str, output_uri: str, suffix: str) -> Plan:
     """Inputs -> outputs under ``output_uri``, without those already written."""
-    from deployments.cli import output_names
-
     inputs = list_inputs(input_uri)
     names = output_names([rel for _, rel in inputs], suffix)
     fs, out_root = filesystem(output_uri)

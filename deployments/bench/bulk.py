@@ -24,11 +24,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import ray
 from PIL import Image
 
-from deployments.bench.harness import Json, free_port, running_service, serve_config
+from deployments.bench.harness import Json, compare, free_port, running_service, serve_config
 from deployments.bench.throughput import in_process, model_limit, served_settings
 from deployments.bulk import BulkConfig, run
 from deployments.cli import plan, remove_all
@@ -72,13 +71,6 @@ def _http(url: str, folder: Path, out: Path, concurrency: int, limit: int | None
         "seconds": round(seconds, 2),
         "images_per_s": round(done / seconds, 3),
     }
-
-
-def _same_pixels(a: Path, b: Path) -> bool:
-    with Image.open(a) as x, Image.open(b) as y:
-        return (
-            x.mode == y.mode and x.size == y.size and np.array_equal(np.asarray(x), np.asarray(y))
-        )
 
 
 def run_section(tmp: Path, images: Mapping[str, bytes], count: int, quick: bool) -> Json:
@@ -125,7 +117,10 @@ def run_section(tmp: Path, images: Mapping[str, bytes], count: int, quick: bool)
     ]
     results["parity_with_http"] = {
         "compared": len(pairs),
-        "identical": all(a.is_file() and b.is_file() and _same_pixels(a, b) for a, b in pairs),
+        "identical": all(
+            a.is_file() and b.is_file() and compare(a.read_bytes(), b.read_bytes()).identical
+            for a, b in pairs
+        ),
     }
     return results
 
