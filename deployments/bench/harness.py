@@ -435,6 +435,12 @@ def private_bytes(pid: int) -> int:
     return _status_kb(pid, "RssAnon")
 
 
+def shared_bytes(pid: int) -> int:
+    """The resident pages ``pid`` maps from files and shared memory (RssFile + RssShmem),
+    such as Ray's object store: the part of its RSS that ``private_bytes`` leaves out."""
+    return _status_kb(pid, "RssFile") + _status_kb(pid, "RssShmem")
+
+
 def session_processes(session_id: int, marker: str = "") -> dict[int, str]:
     """Processes of one session (a `serve run` started by ``start_process`` and every
     Ray process it spawned) whose command line holds ``marker``: pid -> its title."""
