@@ -197,6 +197,19 @@ def test_fast_png_keeps_every_pixel(
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_naive_cutout_equals_rembgs_for_every_colour_and_alpha(mode: str) -> None:
+    """Every (channel value, mask value) pair, in every channel."""
+    values = np.arange(256, dtype=np.uint8)
+    colour, alpha = np.meshgrid(values, values)  # 256 x 256: all pairs
+    channels = [colour, 255 - colour, colour[::-1], colour.T][: len(mode)]
+    img = Image.fromarray(np.dstack(channels), mode)
+    mask = Image.fromarray(np.ascontiguousarray(alpha), "L")
+    ours, theirs = naive_cutout(img, mask), rembg_naive_cutout(img, mask)
+    assert ours.mode == theirs.mode == "RGBA"
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_naive_cutout_equals_rembgs(mode: str) -> None:
     rng = np.random.default_rng(7)
     img = Image.fromarray(rng.integers(0, 256, (53, 71, len(mode)), dtype=np.uint8), mode)
