@@ -45,7 +45,7 @@ from deployments.decode import Limits, probe
 from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
-from deployments.pipeline import Prepared, finish, prepare
+from deployments.pipeline import Prepared, finish, prepare, reuse_image_memory
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -241,6 +241,7 @@ class Cutter:
         self.target_fs, _ = filesystem(job.output_uri)
         self.model_lock = threading.Lock()
         self.budget = PixelBudget(job.pixel_budget)
+        reuse_image_memory(job.pixel_budget)
         self.actor = context.get_actor_id() or f"pid {os.getpid()}"
         logger.info(
             "model %s: %s, batch shapes %s, loaded in %.2fs, warm in %.2fs",

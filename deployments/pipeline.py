@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from PIL import _imaging as pillow_core
 
 from deployments.compose import RefineLimits, compose, mask_to_size
 from deployments.decode import Limits, decode
@@ -24,6 +25,31 @@ from deployments.preprocess import model_input
 
 if TYPE_CHECKING:  # the ingress runs these stages without ONNX Runtime
     from deployments.infer import OnnxModel
+
+
+# Bytes one image pixel holds in flight, at most: decoded, RGBA cut-out, mask.
+BYTES_PER_PIXEL = 12
+
+
+def reuse_image_memory(pixel_budget: int) -> None:
+    """Let Pillow keep freed image blocks for the next image, up to what
+    ``pixel_budget`` pixels in flight hold.
+
+    Pillow gives each image's memory back to the C library when the image goes,
+    and the next image's fresh pages are faulted in again: at 12 MP that was
+    45,000 page faults and ~17 % of the CPU of decode-to-PNG, at 2 MP ~10 %
+    (measured in process on a 2-core VM). Kept blocks are reused at once; the
+    process's memory does not grow past its peak in flight because of them
+    (blocks are cached only when freed). ``release_image_memory`` empties the
+    cache, for an idle replica.
+    """
+    block = int(pillow_core.get_block_size())
+    pillow_core.set_blocks_max(max(1, -(-pixel_budget * BYTES_PER_PIXEL // block)))
+
+
+def release_image_memory() -> None:
+    """Give Pillow's kept image blocks back to the C library."""
+    pillow_core.clear_cache()
 
 
 @dataclass(frozen=True)

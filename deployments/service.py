@@ -37,7 +37,13 @@ from deployments.decode import probe
 from deployments.errors import Overloaded, PayloadTooLarge, UnknownModel
 from deployments.models import spec_for
 from deployments.options import CutoutOptions, OutputFormat
-from deployments.pipeline import finish, prepare, sample_jpeg
+from deployments.pipeline import (
+    finish,
+    prepare,
+    release_image_memory,
+    reuse_image_memory,
+    sample_jpeg,
+)
 from deployments.settings import AppSettings
 
 logger = logging.getLogger("ray.serve")
@@ -306,6 +312,7 @@ class Remover:
             settings.refine_concurrency, thread_name_prefix="refine"
         )
         self.budget = PixelBudget(settings.pixel_budget)
+        reuse_image_memory(settings.pixel_budget)
         self.refine_state: dict[str, object] = {"warm": False}
         # Until the warm-up times one image: ten in the deadline.
         self.admission = Admission(
@@ -332,9 +339,9 @@ class Remover:
     async def admitted(self) -> AsyncIterator[None]:
         """Admission for one request (``Overloaded`` if it would miss the deadline).
 
-        When the replica goes idle, the C heap's freed memory is given back to the
-        system (glibc keeps it otherwise, so a burst of large images would leave
-        the replica's RSS at its peak).
+        When the replica goes idle, the image blocks Pillow kept and the C heap's
+        freed memory are given back to the system (glibc keeps it otherwise, so a
+        burst of large images would leave the replica's RSS at its peak).
         """
         self.admission.admit()
         completed = False
@@ -350,17 +357,20 @@ class Remover:
         """Give the C heap's free memory back now, or, if that was done less than
         ``every_s`` ago, once ``every_s`` has passed, if the replica is still idle
         then (the last request of a burst must not leave its memory held)."""
-        if self._trim is None:
-            return
         loop = asyncio.get_running_loop()
         wait_s = self._trimmed + every_s - time.monotonic()
         if wait_s <= 0:
             self._trimmed = time.monotonic()
             # Not awaited: the answer does not wait for it.
-            loop.run_in_executor(self.pool, self._trim)
+            loop.run_in_executor(self.pool, self._give_back)
         elif not self._trim_pending:
             self._trim_pending = True
             loop.call_later(wait_s, self._trim_later)
+
+    def _give_back(self) -> None:
+        release_image_memory()
+        if self._trim is not None:
+            self._trim()
 
     def _trim_later(self) -> None:
         self._trim_pending = False

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL import _imaging as pillow_core
 from rembg.bg import naive_cutout as rembg_naive_cutout
 
 from conftest import SHARED_IMAGES, assert_parity, gradient, image_bytes
@@ -19,7 +20,12 @@ from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.infer import OnnxModel, masks_from_output, plan_chunks
 from deployments.models import MODEL_TABLE, spec_for, store_candidates
 from deployments.options import CutoutOptions
-from deployments.pipeline import remove, sample_jpeg
+from deployments.pipeline import (
+    release_image_memory,
+    remove,
+    reuse_image_memory,
+    sample_jpeg,
+)
 from deployments.preprocess import model_input, normalize_batch
 
 
@@ -245,3 +251,23 @@ def test_store_paths_are_rembgs(env: dict[str, str], monkeypatch: pytest.MonkeyP
             Path(session.legacy_home()) / f"{name}.onnx",
         ]
         assert store_candidates(name) == want, name
+
+
+def test_image_memory_is_reused_then_given_back() -> None:
+    """With ``reuse_image_memory`` the next image takes the blocks the last one
+    freed (no fresh pages to fault in); ``release_image_memory`` empties the cache."""
+    before = pillow_core.get_blocks_max()
+    try:
+        reuse_image_memory(100_000_000)
+        assert pillow_core.get_blocks_max() == -(-100_000_000 * 12 // pillow_core.get_block_size())
+        data = sample_jpeg(Limits())
+        decode(data, Limits())
+        reused = pillow_core.get_stats()["reused_blocks"]
+        decode(data, Limits())
+        assert pillow_core.get_stats()["reused_blocks"] > reused
+        assert pillow_core.get_stats()["blocks_cached"] > 0
+        release_image_memory()
+        assert pillow_core.get_stats()["blocks_cached"] == 0
+    finally:
+        pillow_core.set_blocks_max(before)
+        release_image_memory()
