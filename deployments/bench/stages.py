@@ -48,8 +48,10 @@ from deployments.encode import encode
 from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
+from deployments.pipeline import reuse_image_memory
 from deployments.preprocess import model_input, normalize_batch
 from deployments.runtime import RuntimeConfig
+from deployments.settings import AppSettings
 
 T = TypeVar("T")
 
@@ -138,6 +140,7 @@ def measure(photo: bytes, megapixels: tuple[float, ...], repeats: int) -> Json:
     """CPU ms per megapixel of each stage, for every input kind and size."""
     spec = spec_for("u2netp")
     model = OnnxModel(resolve_model_file("u2netp"), spec, RuntimeConfig(intra_op_threads=1), 1)
+    reuse_image_memory(AppSettings().pixel_budget)  # as the ingress runs them
     with Image.open(io.BytesIO(photo)) as source:
         base = source.convert("RGB")
     rows = [
