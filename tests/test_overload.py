@@ -218,6 +218,7 @@ def test_large_uploads_behind_a_busy_model_stay_within_budget(half_speed: Observ
     own_peak = dict.fromkeys(watch, 0)
     shared_peak = dict.fromkeys(watch, 0)
     own_kept: list[dict[int, int]] = []
+    own_peaks: list[dict[int, int]] = []
     lines = [f"\n2 x 40 uploads of {len(big) / 2**20:.1f} MiB"]
     for wave in (1, 2):
         with Load(service.url, images, 8):
@@ -236,6 +237,7 @@ def test_large_uploads_behind_a_busy_model_stay_within_budget(half_speed: Observ
             shared_peak[pid] = max(shared_peak[pid], shared[pid] - shared_baseline[pid])
         kept = {pid: rss_bytes(pid) - baseline[pid] for pid in watch}
         own_kept.append({pid: private_bytes(pid) - own_baseline[pid] for pid in watch})
+        own_peaks.append({pid: own[pid] - own_baseline[pid] for pid in watch})
         lines.append(f"  wave {wave}: {dict(uploads.statuses())} in {uploads.duration_s:.0f}s")
         for name, pid in (("ingress", ingress), ("proxy", proxy[0])):
             lines.append(
@@ -259,8 +261,11 @@ def test_large_uploads_behind_a_busy_model_stay_within_budget(half_speed: Observ
     assert shared_peak[ingress] <= bodies_budget, (shared_peak, bodies_budget)
     # And it comes back down: the ingress's own memory to within 150 MiB of where
     # it was after each wave (it trims its C heap when idle). Serve's proxy keeps
-    # part of its peak (its own allocator's), but a second wave does not add to it:
-    # it is reused, not leaked.
+    # part of its peak after a wave or not (its allocator's choice; seen both), but
+    # after the second it holds no more than it peaked at in the first: the memory
+    # is reused, not added to.
     assert all(kept[ingress] <= 150 * 2**20 for kept in own_kept), own_kept
-    first, second = own_kept
-    assert all(second[p] <= first[p] + 64 * 2**20 for p in proxy), own_kept
+    assert all(own_kept[1][p] <= own_peaks[0][p] + 64 * 2**20 for p in proxy), (
+        own_kept,
+        own_peaks,
+    )

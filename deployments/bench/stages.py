@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -48,7 +49,7 @@ from deployments.encode import encode
 from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
-from deployments.pipeline import reuse_image_memory
+from deployments.pipeline import finish, prepare, reuse_image_memory
 from deployments.preprocess import model_input, normalize_batch
 from deployments.runtime import RuntimeConfig
 from deployments.settings import AppSettings
@@ -70,6 +71,8 @@ INGRESS_STAGES = ("decode", "resize", "mask_upscale", "compose", "encode")
 # Through `serve run`: JPEG megapixels -> uploads timed (a tiny image: the fixed cost).
 SERVED = {0.02: 24, 2.0: 24, 12.0: 8}
 SERVED_QUICK = {0.02: 8, 2.0: 8}
+# Threads of the ingress's work in one process (os.cpu_count() added where larger).
+THREADS = tuple(sorted({1, 2, os.cpu_count() or 1}))
 
 
 def make_input(photo: Image.Image, megapixels: float, kind: str) -> bytes:
@@ -148,7 +151,45 @@ def measure(photo: bytes, megapixels: tuple[float, ...], repeats: int) -> Json:
         for kind in INPUTS
         for mp in megapixels
     ]
-    return {"repeats": repeats, "rows": rows}
+    scaling = thread_scaling(
+        model, make_input(base, 2.0, "jpeg"), 8 if repeats == 1 else 40, THREADS
+    )
+    return {"repeats": repeats, "rows": rows, "threads": scaling}
+
+
+def thread_scaling(model: OnnxModel, data: bytes, images: int, threads: tuple[int, ...]) -> Json:
+    """Images/s of the ingress's own work (decode, resize, mask upscale, compose,
+    encode: everything but the model, whose mask for this image is computed once)
+    on 1..n threads of one process, as the ingress's pool runs it. What a node
+    whose model is nearly free (a GPU) would get from one ingress process; the
+    CPU/wall ratio says how many cores the threads kept busy (the rest: the GIL
+    and memory bandwidth)."""
+    limits = Limits()
+    mask = model.predict([prepare(data, model.spec, limits).model_input])[0]
+    options = CutoutOptions()
+
+    def one(_: int) -> int:
+        prepared = prepare(data, model.spec, limits)
+        return len(finish(prepared.image, mask, options).body)
+
+    rows = []
+    for n in threads:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(one, range(n)))  # warm: every thread's first buffers
+            wall, cpu = time.perf_counter(), time.process_time()
+            list(pool.map(one, range(images)))
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        rate, busy = round(images / wall, 2), round(cpu / wall, 2)
+        rows.append({"threads": n, "images_per_s": rate, "cores_busy": busy})
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        row["speedup"] = round(row["images_per_s"] / base, 2)
+    return {"megapixels": round(_megapixels(data), 2), "images": images, "rows": rows}
+
+
+def _megapixels(data: bytes) -> float:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.width * img.height / 1e6
 
 
 def _process_cpu(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -244,6 +285,17 @@ def table(results: Json) -> list[str]:
             + "".join(f"{per[s]:>9}" for s in DEFAULT_PATH)
             + f"{r['default_total_ms_per_mp']:>8}{r['default_total_x_pillow_decode']:>7}  {others}"
         )
+    scaling = results["threads"]
+    lines += [
+        "",
+        f"threads: the ingress's work without the model, {scaling['megapixels']} MP JPEG -> PNG,"
+        f" {scaling['images']} images",
+    ]
+    lines += [
+        f"  {r['threads']} thread(s): {r['images_per_s']} images/s ({r['speedup']} x),"
+        f" cores busy {r['cores_busy']}"
+        for r in scaling["rows"]
+    ]
     lines += [
         "",
         "served: JPEG -> PNG through serve run, CPU ms per image (uploads at concurrency 2)",
