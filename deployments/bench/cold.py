@@ -183,7 +183,11 @@ def new_replica(tmp: Path, images: dict[str, bytes], timeout_s: float = 300) -> 
     edits: dict[str, Any] = {"args": {"num_cpus": 1}}
     config = serve_config(port, **edits)
     log = tmp / "cold-replica.log"
-    service: Running = start_service(write_config(tmp, config, "cold-replica.yaml"), log)
+    # Ray folds repeated log lines into one "[repeated Nx]" line printed seconds
+    # later: the new replica's first "CALL predict" must be printed when it happens.
+    service: Running = start_service(
+        write_config(tmp, config, "cold-replica.yaml"), log, env={"RAY_DEDUP_LOGS": "0"}
+    )
     try:
         with Load(service.url, images, clients=2) as load:
             time.sleep(3)
