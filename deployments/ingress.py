@@ -26,6 +26,7 @@ from ray.serve.schema import ServeStatus
 from deployments.api import HttpSettings, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
+from deployments.preprocess import unpack_mask
 from deployments.service import Job, Remover, Served, images_in_flight
 from deployments.settings import AppSettings, deployment_name
 
@@ -56,8 +57,8 @@ async def predict_with(
     """The mask from a model deployment; retried once if its replica died under the call."""
     for attempt in (1, 2):
         try:
-            mask: npt.NDArray[np.uint8] = await handle.predict.remote(image)
-            return mask
+            packed: bytes = await handle.predict_packed.remote(image)
+            return unpack_mask(packed, image.shape[:2])
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             # Inference is idempotent: send it once more, and the router picks a
             # live replica or waits for the new one.

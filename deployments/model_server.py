@@ -30,6 +30,7 @@ from deployments.errors import InferenceFailed, ServiceError
 from deployments.infer import OnnxModel
 from deployments.metrics import ModelMetrics
 from deployments.models import resolve_model_file, spec_for
+from deployments.preprocess import pack_mask
 from deployments.runtime import runtime_for
 from deployments.settings import LiveModelConfig, ModelConfig
 
@@ -270,6 +271,12 @@ class ModelServer:
             raise result
         mask: npt.NDArray[np.uint8] = result
         return mask
+
+    async def predict_packed(self, image: npt.NDArray[np.uint8]) -> bytes:
+        """``predict``, its mask deflated (``pack_mask``): what the ingress calls
+        through its handle, so that the answer rides inline instead of through
+        the object store."""
+        return pack_mask(await self.predict(image))
 
     async def check_health(self) -> None:
         """Healthy while it can serve: loaded, and busy or proven by a recent batch.

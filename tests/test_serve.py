@@ -17,6 +17,7 @@ from deployments.errors import ModelUnavailable
 from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file
 from deployments.pipeline import prepare
+from deployments.preprocess import unpack_mask
 from deployments.serve_app import build_app, use_gpu_for
 from deployments.settings import AppSettings
 
@@ -43,6 +44,15 @@ def test_model_replica_equals_in_process_model(app: Any, u2netp: OnnxModel) -> N
     prepared = prepare((FIXTURES / "car-1.jpg").read_bytes(), u2netp.spec, Limits())
     served = model_handle().predict.remote(prepared.model_input).result()
     assert np.array_equal(served, u2netp.predict([prepared.model_input])[0])
+
+
+def test_packed_mask_over_the_handle_is_the_mask(app: Any, u2netp: OnnxModel) -> None:
+    """What the ingress calls: the same mask, deflated small enough to ride inline."""
+    prepared = prepare((FIXTURES / "car-1.jpg").read_bytes(), u2netp.spec, Limits())
+    packed = model_handle().predict_packed.remote(prepared.model_input).result()
+    assert isinstance(packed, bytes) and len(packed) < 100 * 1024
+    mask = unpack_mask(packed, prepared.model_input.shape[:2])
+    assert np.array_equal(mask, u2netp.predict([prepared.model_input])[0])
 
 
 def test_concurrent_requests_form_batches(app: Any) -> None:

@@ -26,7 +26,7 @@ from deployments.pipeline import (
     reuse_image_memory,
     sample_jpeg,
 )
-from deployments.preprocess import model_input, normalize_batch
+from deployments.preprocess import model_input, normalize_batch, pack_mask, unpack_mask
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1"])
@@ -271,3 +271,11 @@ def test_image_memory_is_reused_then_given_back() -> None:
     finally:
         pillow_core.set_blocks_max(before)
         release_image_memory()
+
+
+def test_packed_mask_round_trips_and_refuses_a_wrong_size() -> None:
+    mask = np.random.default_rng(3).integers(0, 256, (320, 320), dtype=np.uint8)
+    packed = pack_mask(mask)
+    assert np.array_equal(unpack_mask(packed, (320, 320)), mask)
+    with pytest.raises(ValueError):
+        unpack_mask(packed, (320, 321))

@@ -147,7 +147,7 @@ def replica_events(log: Path) -> tuple[list[float], dict[str, float], dict[str, 
     # The replica's own "loaded" line: its session is warm and it is about to
     # report ready (`serve run` prints it; the controller's lines go to its file).
     start_line = re.compile(rf"rembg_{MODEL_DEPLOYMENT} (\w+) -- model {MODEL}: loaded")
-    call_line = re.compile(rf"rembg_{MODEL_DEPLOYMENT} (\w+) \S+ -- CALL predict OK")
+    call_line = re.compile(rf"rembg_{MODEL_DEPLOYMENT} (\w+) \S+ -- CALL predict(?:_packed)? OK")
     for line in log.read_text(errors="replace").splitlines():
         at = stamp(line)
         if at is None:
