@@ -354,9 +354,10 @@ class Remover:
                 self._trim_when_idle()
 
     def _trim_when_idle(self, every_s: float = 2.0) -> None:
-        """Give the C heap's free memory back now, or, if that was done less than
-        ``every_s`` ago, once ``every_s`` has passed, if the replica is still idle
-        then (the last request of a burst must not leave its memory held)."""
+        """Give Pillow's kept blocks and the C heap's free memory back now, or, if
+        that was done less than ``every_s`` ago, once ``every_s`` has passed, if the
+        replica is still idle then (the last request of a burst must not leave its
+        memory held)."""
         loop = asyncio.get_running_loop()
         wait_s = self._trimmed + every_s - time.monotonic()
         if wait_s <= 0:

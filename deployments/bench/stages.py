@@ -139,22 +139,16 @@ def measure_one(model: OnnxModel, data: bytes, repeats: int) -> Json:
     }
 
 
-def measure(photo: bytes, megapixels: tuple[float, ...], repeats: int) -> Json:
+def measure(
+    model: OnnxModel, base: Image.Image, megapixels: tuple[float, ...], repeats: int
+) -> Json:
     """CPU ms per megapixel of each stage, for every input kind and size."""
-    spec = spec_for("u2netp")
-    model = OnnxModel(resolve_model_file("u2netp"), spec, RuntimeConfig(intra_op_threads=1), 1)
-    reuse_image_memory(AppSettings().pixel_budget)  # as the ingress runs them
-    with Image.open(io.BytesIO(photo)) as source:
-        base = source.convert("RGB")
     rows = [
         {"input": kind, **measure_one(model, make_input(base, mp, kind), repeats)}
         for kind in INPUTS
         for mp in megapixels
     ]
-    scaling = thread_scaling(
-        model, make_input(base, 2.0, "jpeg"), 8 if repeats == 1 else 40, THREADS
-    )
-    return {"repeats": repeats, "rows": rows, "threads": scaling}
+    return {"repeats": repeats, "rows": rows}
 
 
 def thread_scaling(model: OnnxModel, data: bytes, images: int, threads: tuple[int, ...]) -> Json:
@@ -196,15 +190,13 @@ def _process_cpu(pids: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_seconds(pid) for pid in group) for name, group in pids.items()}
 
 
-def served(tmp: Path, photo: bytes, uploads: dict[float, int], repeats: int) -> Json:
+def served(
+    tmp: Path, model: OnnxModel, base: Image.Image, uploads: dict[float, int], repeats: int
+) -> Json:
     """CPU per image of Serve's proxy, the ingress and the model replica, through
     `serve run serve_config.yaml` (refinement warm-up off: it would run beside),
     for JPEGs of ``uploads``' sizes, each sent that many times at concurrency 2
     after two unmeasured; beside it the same file's in-process stages."""
-    spec = spec_for("u2netp")
-    model = OnnxModel(resolve_model_file("u2netp"), spec, RuntimeConfig(intra_op_threads=1), 1)
-    with Image.open(io.BytesIO(photo)) as source:
-        base = source.convert("RGB")
     config = serve_config(free_port(), args={"refine_warmup": "off"})
     rows = []
     with running_service(tmp, config) as service:
@@ -251,10 +243,20 @@ def served(tmp: Path, photo: bytes, uploads: dict[float, int], repeats: int) -> 
 
 def run_section(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
     photo = images.get("car-1.jpg") or next(iter(images.values()))
+    with Image.open(io.BytesIO(photo)) as source:
+        base = source.convert("RGB")
+    model = OnnxModel(
+        resolve_model_file("u2netp"), spec_for("u2netp"), RuntimeConfig(intra_op_threads=1), 1
+    )
+    reuse_image_memory(AppSettings().pixel_budget)  # the stages run as the ingress runs them
+    repeats = 1 if quick else 5
     print("stages: CPU per megapixel of each stage ...", flush=True)
-    results = measure(photo, MEGAPIXELS[:2] if quick else MEGAPIXELS, 1 if quick else 5)
+    results = measure(model, base, MEGAPIXELS[:2] if quick else MEGAPIXELS, repeats)
+    results["threads"] = thread_scaling(
+        model, make_input(base, 2.0, "jpeg"), 8 if quick else 40, THREADS
+    )
     print("stages: the same JPEGs through serve run ...", flush=True)
-    results["served"] = served(tmp, photo, SERVED_QUICK if quick else SERVED, 1 if quick else 5)
+    results["served"] = served(tmp, model, base, SERVED_QUICK if quick else SERVED, repeats)
     return results
 
 
