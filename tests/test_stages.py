@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 from PIL import Image
 from PIL import _imaging as pillow_core
 from rembg.bg import naive_cutout as rembg_naive_cutout
@@ -27,6 +28,7 @@ from deployments.pipeline import (
     sample_jpeg,
 )
 from deployments.preprocess import model_input, normalize_batch, pack_mask, unpack_mask
+from deployments.runtime import RuntimeConfig
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1"])
@@ -143,8 +145,46 @@ def test_batch_of_n_equals_n_single_runs(u2netp: OnnxModel) -> None:
 
 def test_model_is_batched_and_warm(u2netp: OnnxModel) -> None:
     assert u2netp.batchable
-    assert u2netp.report.shapes == [1, 2, 4]
+    # Each shape ran once: 2 and 1 in the batch check, then 4.
+    assert u2netp.report.shapes == [2, 1, 4]
     assert u2netp.provider == "CPUExecutionProvider"
+
+
+def channel_model(tmp_path: Path, mixes_the_batch: bool) -> Path:
+    """A stand-in of u2netp's shape whose output is its input, less the batch's
+    mean when ``mixes_the_batch`` (as an export that normalises over the batch)."""
+    shape = ["batch", 3, 320, 320]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    if mixes_the_batch:
+        nodes = [
+            helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["x", "mean"], ["y"]),
+        ]
+    else:
+        nodes = [helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "channel", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / f"mix-{mixes_the_batch}.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("mixes_the_batch", [False, True])
+def test_a_model_that_mixes_its_batch_runs_one_image_at_a_time(
+    tmp_path: Path, mixes_the_batch: bool
+) -> None:
+    model = OnnxModel(
+        channel_model(tmp_path, mixes_the_batch), spec_for("u2netp"), RuntimeConfig(), 4
+    )
+    assert model.batchable is not mixes_the_batch
+    assert model.buckets == ([1] if mixes_the_batch else [1, 2, 4])
+    # Either way each image gets what a run of its own gives it.
+    images = [model_input(gradient(90 + 10 * i, 60), (320, 320)) for i in range(3)]
+    together = model.predict(images)
+    for image, mask in zip(images, together, strict=True):
+        assert np.array_equal(model.predict([image])[0], mask)
 
 
 @pytest.mark.parametrize("path", SHARED_IMAGES, ids=lambda p: p.name)
