@@ -4,7 +4,7 @@ running at half speed.
 The service admits a request only while its measured rate says the request can
 finish within ``deadline_s``; the rest get a quick 503 with a Retry-After from the
 expected drain time (and beyond the count caps, Serve's proxy answers 503 itself).
-So: only 200s and 503s (never a 408 or a timeout), 503s in well under 100 ms,
+So: only 200s and 503s (never a 408 or a timeout), 95 % of 503s within 100 ms,
 admitted requests at >= 80% of the unloaded throughput, /healthz 200 throughout
 (busy is not down), and bounded memory. Figures are printed (`pytest -s`).
 
@@ -172,11 +172,9 @@ def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> 
     assert refused, "nobody was refused: admission did not apply"
     assert all(o.retry_after and int(o.retry_after) >= 1 for o in refused)
     # A refusal is answered without doing the work: in Serve's proxy (the service's
-    # own clock) its median is under a second, far below a served request's.
-    # Its p95, and the clients' view (which includes the 160-thread load generator
-    # sharing the 2 cores), are printed above, not asserted: the 100 ms goal is not
-    # met on a 2-core machine at full load (see tests/README.md).
-    assert proxy_503 and statistics.median(proxy_503) < 1000, proxy_503
+    # own clock) 95 % of them within 100 ms, the crowd's arrival included. The
+    # clients' view (printed) adds the 160-thread load generator sharing the cores.
+    assert proxy_503 and p95(proxy_503) < 100, sorted(proxy_503)[-20:]
     assert loaded_rate >= 0.8 * unloaded_rate
     assert health and set(health) == {200}, health
     # Memory stays bounded: the model replica's own memory stays flat (its session
