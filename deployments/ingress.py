@@ -69,6 +69,18 @@ async def predict_with(
     raise AssertionError("unreachable")
 
 
+def node_cpus() -> int:
+    """The CPUs Ray counts on this replica's node: a container's limit where Ray
+    runs in one (KubeRay sets it from the pod's), not the host's cores that
+    ``os.cpu_count()`` sees. The ingress reserves no CPU of its own (it shares the
+    node with the model), so its pool is sized from the node's."""
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == here and node.get("Resources", {}).get("CPU"):
+            return max(1, int(node["Resources"]["CPU"]))
+    return os.cpu_count() or 2
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -91,7 +103,7 @@ class Ingress:
             api_key=api_key,
             cors_origins=tuple(self.settings.cors_origins),
         )
-        threads = self.settings.ingress_threads or os.cpu_count() or 2
+        threads = self.settings.ingress_threads or node_cpus()
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
         # Serve's cap for this replica (a field its replica context carries).
         deployment = getattr(serve.get_replica_context(), "_deployment_config", None)

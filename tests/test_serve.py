@@ -15,6 +15,7 @@ from conftest import FIXTURES, free_port
 from deployments.decode import Limits
 from deployments.errors import ModelUnavailable
 from deployments.infer import OnnxModel
+from deployments.ingress import node_cpus
 from deployments.models import resolve_model_file
 from deployments.pipeline import prepare
 from deployments.preprocess import unpack_mask
@@ -34,6 +35,12 @@ def app() -> Iterator[Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_ingress_pool_follows_the_cpus_ray_counts_on_its_node(app: Any) -> None:
+    """2 here, as ray.init said: not os.cpu_count(), the host's cores, which a
+    container's CPU limit does not change."""
+    assert ray.get(ray.remote(num_cpus=0)(node_cpus).remote()) == 2
 
 
 def model_handle() -> Any:
