@@ -11,11 +11,15 @@ Measured on this machine, each path the way an operator meets it:
    are warm, against the steady one;
 3. ``new_replica``: a second model replica added with `serve deploy` to a running
    service under load: from the controller's "Adding 1 replica" to the replica's
-   session loaded and warm, and to the first request it answers.
+   session loaded and warm, and to the first request it answers;
+4. ``fresh_install``: this checkout installed as its wheel (`pip install .`, as
+   the Docker image installs it) into a new virtualenv, then `serve run` from an
+   empty directory: the start a new machine, container or node pays (no bytecode,
+   no numba cache of its own). It stands in for the image's start where no
+   container engine runs.
 
-A fresh environment (a new virtualenv, container or node image) differs from (1)
-by what its caches lack; ``python -m deployments.bench cold`` run there right
-after the install measures it the same way.
+A new node from the cluster autoscaler is timed by ``tests/test_cluster.py``
+(Ray's fake multi-node provider), not here.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 import httpx
 
 from deployments.bench.harness import (
+    ROOT,
     Json,
     Load,
     Running,
@@ -128,6 +133,38 @@ def second_start(tmp: Path, image: bytes) -> Json:
         "first_matting_ms": round(first_matting * 1000, 1),
         "steady_matting_ms": round(steady_matting * 1000, 1),
         "first_matting_over_steady": round(first_matting / steady_matting, 3),
+    }
+
+
+def fresh_install(tmp: Path, image: bytes) -> Json:
+    """`pip install .` into a new virtualenv, then `serve run` from it: ready, first cut-out."""
+    venv = tmp / "fresh-venv"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(ROOT)]
+    subprocess.run(pip, check=True, cwd=tmp)
+    install_s = time.perf_counter() - started
+    here = tmp / "fresh-run"
+    here.mkdir()
+    path = write_config(here, serve_config(free_port()), "serve_config.yaml")
+    # Nothing of the checkout on the path: the installed package serves.
+    env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(here)}
+    started = time.perf_counter()
+    service = start_service(
+        path, here / "serve.log", env=env, serve=venv / "bin" / "serve", cwd=here
+    )
+    try:
+        with service.client(timeout=300) as client:
+            timed_post(client, image)
+            first_cutout_s = time.perf_counter() - started
+            steady = statistics.median(timed_post(client, image) for _ in range(3))
+    finally:
+        stop_process(service.process)
+    return {
+        "install_s": round(install_s, 1),
+        "ready_s": round(service.ready_s, 2),
+        "first_cutout_s": round(first_cutout_s, 2),
+        "steady_request_ms": round(steady * 1000, 1),
     }
 
 
@@ -228,13 +265,18 @@ def run(tmp: Path, images: dict[str, bytes]) -> Json:
     results: Json = {"second_start": second_start(tmp, image)}
     print("cold: a new model replica under load ...", flush=True)
     results["new_replica"] = new_replica(tmp, images)
+    print("cold: a fresh virtualenv from this checkout's wheel ...", flush=True)
+    results["fresh_install"] = fresh_install(tmp, image)
     return results
 
 
 def targets(results: Json) -> list[tuple[str, float | bool | None, str, float | None]]:
     start = results["second_start"]
     replica = results["new_replica"]
+    fresh = results["fresh_install"]
     return [
+        ("fresh install: ready (s)", fresh["ready_s"], "<=", 45.0),
+        ("fresh install / second start (ready)", fresh["ready_s"] / start["ready_s"], "<=", 1.3),
         ("first matting / steady matting", start["first_matting_over_steady"], "<=", 2.0),
         (
             "new replica: scheduled -> serving (s)",
@@ -253,6 +295,7 @@ def targets(results: Json) -> list[tuple[str, float | bool | None, str, float | 
 
 def table(results: Json) -> list[str]:
     start, replica = results["second_start"], results["new_replica"]
+    fresh = results["fresh_install"]
     lines = [
         "",
         "cold start (second start of serve_config.yaml on this machine)",
@@ -263,5 +306,8 @@ def table(results: Json) -> list[str]:
         f"  refiners warm: {start['refine']}; first matting {start['first_matting_ms']} ms, "
         f"steady {start['steady_matting_ms']} ms",
         f"  new model replica under load: {replica}",
+        f"  fresh virtualenv (`pip install .`, {fresh['install_s']} s): ready "
+        f"{fresh['ready_s']} s, first cut-out {fresh['first_cutout_s']} s",
+        "  new node from the cluster autoscaler: tests/test_cluster.py (not timed here)",
     ]
     return lines

@@ -172,20 +172,22 @@ def start_service(
     timeout_s: float = 300,
     env: Mapping[str, str] | None = None,
     serve: Path | None = None,
+    cwd: Path = ROOT,
 ) -> Running:
     """`serve run CONFIG` with its own local Ray; ready when /healthz answers 200.
 
-    A local Ray's start can time out on an overloaded machine: it is tried twice.
+    ``serve``: the command (another virtualenv's), run in ``cwd``. A local Ray's
+    start can time out on an overloaded machine: it is tried twice.
     """
     port = yaml.safe_load(config.read_text())["http_options"]["port"]
     argv = [str(serve or Path(sys.executable).parent / "serve"), "run", str(config)]
     url = f"http://127.0.0.1:{port}"
     try:
-        return start_process(argv, serve_env(env), log, url, "/healthz", timeout_s)
+        return start_process(argv, serve_env(env), log, url, "/healthz", timeout_s, cwd)
     except RuntimeError as exc:
         print(f"service start failed, retrying: {str(exc)[-300:]}", file=sys.stderr)
         retry_log = log.with_name(log.stem + "-retry" + log.suffix)
-        return start_process(argv, serve_env(env), retry_log, url, "/healthz", timeout_s)
+        return start_process(argv, serve_env(env), retry_log, url, "/healthz", timeout_s, cwd)
 
 
 @contextmanager
