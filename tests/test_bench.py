@@ -92,6 +92,10 @@ def test_cold_section_reports_each_path(tmp_path: Path) -> None:
     assert replica["statuses_during"].get("200", 0) > 0, replica
     assert set(replica["statuses_during"]) <= {"200", "503"}, replica
 
+    fresh = results["fresh_install"]
+    assert positive(fresh["install_s"]) and positive(fresh["steady_request_ms"])
+    assert 0 < fresh["ready_s"] < fresh["first_cutout_s"], fresh
+
 
 @pytest.mark.bench
 def test_bulk_section_reports_each_path(tmp_path: Path) -> None:
