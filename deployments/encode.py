@@ -40,8 +40,10 @@ def encode(img: Image.Image, fmt: OutputFormat, png_compress_level: int = 1) -> 
     return out.getvalue()
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def _chunk(out: bytearray, kind: bytes, data: bytes) -> None:
+    out += struct.pack(">I", len(data)) + kind
+    out += data
+    out += struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def fast_png(img: Image.Image) -> bytes:
@@ -59,7 +61,14 @@ def fast_png(img: Image.Image) -> bytes:
     row_bytes = width * channels
     step = max(1, _STRIPE_BYTES // max(row_bytes, 1))
     compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 15)
-    parts: list[bytes] = []
+    header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[img.mode], 0, 0, 0)
+    out = bytearray(b"\x89PNG\r\n\x1a\n")
+    _chunk(out, b"IHDR", header)
+    # One IDAT chunk, its compressed stripes written straight into the file's
+    # buffer: its length is filled in and its CRC computed as they arrive.
+    idat = len(out)
+    out += b"\0\0\0\0IDAT"
+    crc = zlib.crc32(b"IDAT")
     previous = np.zeros(row_bytes, dtype=np.uint8)
     for top in range(0, height, step):
         bottom = min(top + step, height)
@@ -69,14 +78,13 @@ def fast_png(img: Image.Image) -> bytes:
         np.subtract(rows[:1], previous, out=filtered[:1, 1:])
         np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
         previous = rows[-1].copy()
-        parts.append(compressor.compress(filtered.data))
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[img.mode], 0, 0, 0)
-    return b"".join(
-        [
-            b"\x89PNG\r\n\x1a\n",
-            _chunk(b"IHDR", header),
-            _chunk(b"IDAT", b"".join(parts)),
-            _chunk(b"IEND", b""),
-        ]
-    )
+        part = compressor.compress(filtered.data)
+        out += part
+        crc = zlib.crc32(part, crc)
+    part = compressor.flush()
+    out += part
+    crc = zlib.crc32(part, crc)
+    struct.pack_into(">I", out, idat, len(out) - idat - 8)
+    out += struct.pack(">I", crc)
+    _chunk(out, b"IEND", b"")
+    return bytes(out)

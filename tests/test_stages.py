@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +239,17 @@ def test_fast_png_keeps_every_pixel(
     shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], len(mode))
     pixels = np.random.default_rng(sum(size)).integers(0, 256, shape, dtype=np.uint8)
     body = encode(Image.fromarray(pixels, mode), "png", 1)
+    # Signature, then IHDR, IDAT, IEND, each with its length and CRC right.
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    at, kinds = 8, []
+    while at < len(body):
+        (length,) = struct.unpack(">I", body[at : at + 4])
+        kind, data = body[at + 4 : at + 8], body[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", body[at + 8 + length : at + 12 + length])
+        assert len(data) == length and crc == zlib.crc32(kind + data), kind
+        kinds.append(kind)
+        at += 12 + length
+    assert kinds == [b"IHDR", b"IDAT", b"IEND"]
     decoded = Image.open(io.BytesIO(body))
     assert decoded.format == "PNG" and decoded.mode == mode
     assert np.array_equal(np.asarray(decoded), pixels)
