@@ -25,7 +25,7 @@ from deployments.errors import InferenceFailed, ModelUnavailable
 from deployments.graph import model_bytes_for
 from deployments.models import ModelSpec
 from deployments.preprocess import normalize_batch
-from deployments.runtime import CUDA, RuntimeConfig, providers_for, threads_of_this_process
+from deployments.runtime import CUDA, RuntimeConfig, providers_for
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,6 @@ class OnnxModel:
         started = time.perf_counter()
         try:
             model_bytes = model_bytes_for(path, spec, runtime)
-            before = threads_of_this_process()
             self.session = ort.InferenceSession(
                 model_bytes,
                 sess_options=self._session_options(),
@@ -132,9 +131,6 @@ class OnnxModel:
             raise ModelUnavailable(
                 f"model {spec.name!r} could not be loaded from {path}: {exc}"
             ) from exc
-        # ONNX Runtime's intra-op threads start with the session; the calling
-        # thread is the last of them.
-        self.pool_threads = threads_of_this_process() - before
         # ONNX Runtime would otherwise move a session whose provider fails at run
         # time to the CPU for good, in silence; here such a run fails instead.
         self.session.disable_fallback()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from deployments.infer import OnnxModel
 from deployments.metrics import ModelMetrics
 from deployments.models import resolve_model_file, spec_for
 from deployments.preprocess import pack_mask
-from deployments.runtime import lower_priority, runtime_for
+from deployments.runtime import runtime_for
 from deployments.settings import LiveModelConfig, ModelConfig
 
 logger = logging.getLogger("ray.serve")
@@ -113,7 +112,6 @@ class ModelServer:
         # shapes) on this one thread: runs never overlap on the session, and ONNX
         # Runtime's own intra-op threads are the only parallelism.
         self.runner = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self.runner_thread = self.runner.submit(threading.get_native_id).result()
         # Set while no batch runs. Requests that arrive during a batch wait here and
         # enter @serve.batch together when it ends, so that the next batch forms when
         # the model is free instead of on the batch timer while it is busy.
@@ -185,8 +183,6 @@ class ModelServer:
                 # running finish on the old session.
                 model, path = await asyncio.to_thread(self._load, source, live.max_batch_size)
             self.loaded = Loaded(model, path, live.model_version)
-            # Warm now: from here on the session runs below Serve and the ingress.
-            lower_priority(model.pool_threads | {self.runner_thread}, model.runtime.nice)
             logger.info(
                 "model %s: %s %s (version %s) on %s in %.2fs (load %.2fs, warm-up %.2fs, "
                 "shapes %s, batched %s)",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,34 +19,6 @@ logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-
-# On a CPU node the model's inference shares the cores with Serve's proxy, the
-# ingress and Ray's own processes: below them, a busy model takes every cycle they
-# leave and never delays a refusal, a health check or a new replica's warm-up.
-CPU_INFERENCE_NICE = 10
-
-
-def threads_of_this_process() -> frozenset[int]:
-    """This process's thread ids (Linux); empty where /proc does not list them."""
-    try:
-        return frozenset(int(tid) for tid in os.listdir("/proc/self/task"))
-    except OSError:
-        return frozenset()
-
-
-def lower_priority(threads: frozenset[int], nice: int) -> None:
-    """Raise these threads' nice value to ``nice`` (Linux keeps one per thread).
-
-    Only ever lowers a priority (raising one back needs privileges), so it is
-    applied once a session is warm: a replica warms up at full priority.
-    """
-    for tid in threads:
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
-        except OSError:  # the thread has ended, or no such call on this platform
-            continue
 
 
 @dataclass(frozen=True)
@@ -69,8 +40,6 @@ class RuntimeConfig:
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     # Spinning intra-op threads burn the cores that decode/encode need.
     allow_spinning: bool = False
-    # The nice value of the threads that run a warm session (see lower_priority).
-    nice: int = 0
     # Opt-in: float16 weights and arithmetic inside, float32 IO (GPU only: the
     # CPU provider has few float16 kernels and runs such a model slowly).
     fp16: bool = False
@@ -190,7 +159,6 @@ def runtime_for(
         # Ray sets CUDA_VISIBLE_DEVICES to the assigned card: it is device 0 here.
         device_id=0,
         intra_op_threads=max(1, math.ceil(cpus)),
-        nice=0 if use_gpu else CPU_INFERENCE_NICE,
         gpu_mem_limit=limit,
         fp16=fp16 and use_gpu,
         preprocess_in_graph=preprocess_in_graph,

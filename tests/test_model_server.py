@@ -10,9 +10,7 @@ the model, to make one image of a batch fail.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ import pytest
 from deployments.errors import InferenceFailed, ServiceError
 from deployments.model_server import ModelServer, Pending, Resources
 from deployments.models import EMBEDDED
-from deployments.runtime import CPU_INFERENCE_NICE
 from deployments.settings import LiveModelConfig
 
 SERVER: Any = ModelServer.func_or_class  # type: ignore[attr-defined]
@@ -49,25 +46,6 @@ def test_loads_once_from_its_user_config(tmp_path: Path) -> None:
     asyncio.run(fresh.reconfigure({"model_path": str(copy), "model_version": "v1"}))
     info = asyncio.run(fresh.info())
     assert (info["file"], info["model_version"], info["ready"]) == ("u2netp-v1.onnx", "v1", True)
-
-
-def test_a_warm_session_runs_below_serve_on_the_cpu(tmp_path: Path) -> None:
-    """On a CPU node the session's threads (the inference thread and ONNX
-    Runtime's intra-op threads) drop to nice 10 once warm, a swapped-in session's
-    too; the rest of the process (Serve's loop, here pytest's) keeps its priority."""
-    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    server = loaded_server(max_batch_size=2)
-    first = server.model
-    assert first.runtime.nice == CPU_INFERENCE_NICE and len(first.pool_threads) == 1
-    session_threads = first.pool_threads | {server.runner_thread}
-    assert {os.getpriority(os.PRIO_PROCESS, t) for t in session_threads} == {CPU_INFERENCE_NICE}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == ours
-    copy = tmp_path / "u2netp-v2.onnx"
-    shutil.copy(EMBEDDED["u2netp"], copy)
-    asyncio.run(server.reconfigure({"model_path": str(copy), "model_version": "v2"}))
-    assert server.model is not first and server.last_reconfigure_error is None
-    swapped = server.model.pool_threads
-    assert swapped and {os.getpriority(os.PRIO_PROCESS, t) for t in swapped} == {CPU_INFERENCE_NICE}
 
 
 def test_first_load_failure_fails_the_replica(tmp_path: Path) -> None:
