@@ -96,6 +96,10 @@ def test_cold_section_reports_each_path(tmp_path: Path) -> None:
     assert positive(fresh["install_s"]) and positive(fresh["steady_request_ms"])
     assert 0 < fresh["ready_s"] < fresh["first_cutout_s"], fresh
 
+    node = results["new_node"]
+    assert (node["workers_before"], node["workers_after"], node["status"]) == (0, 1, 200), node
+    assert 0 < node["app_running_s"] < node["first_cutout_s"], node
+
 
 @pytest.mark.bench
 def test_bulk_section_reports_each_path(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ Measured on this machine, each path the way an operator meets it:
    no numba cache of its own). It stands in for the image's start where no
    container engine runs.
 
-A new node from the cluster autoscaler is timed by ``tests/test_cluster.py``
-(Ray's fake multi-node provider), not here.
+5. ``new_node``: a cluster that scales from no workers (Ray's fake multi-node
+   provider, ``deployments.bench.cluster``): the app deployed on a CPU-less head,
+   a node launched for the model replica, until the first cut-out.
 """
 
 from __future__ import annotations
@@ -267,17 +268,24 @@ def run(tmp: Path, images: dict[str, bytes]) -> Json:
     results["new_replica"] = new_replica(tmp, images)
     print("cold: a fresh virtualenv from this checkout's wheel ...", flush=True)
     results["fresh_install"] = fresh_install(tmp, image)
+    print("cold: a new node from the cluster autoscaler ...", flush=True)
+    from deployments.bench.cluster import new_node  # Ray in this process: only here
+
+    results["new_node"] = new_node(image, tmp / "cluster-head.log")
     return results
 
 
 def targets(results: Json) -> list[tuple[str, float | bool | None, str, float | None]]:
+    """Each cold path to its first cut-out, side by side, with the goals it has."""
     start = results["second_start"]
     replica = results["new_replica"]
     fresh = results["fresh_install"]
+    node = results["new_node"]
     return [
-        ("fresh install: ready (s)", fresh["ready_s"], "<=", 45.0),
+        ("fresh install (the image's start): ready (s)", fresh["ready_s"], "<=", 45.0),
+        ("fresh install: first cut-out (s)", fresh["first_cutout_s"], "", None),
         ("fresh install / second start (ready)", fresh["ready_s"] / start["ready_s"], "<=", 1.3),
-        ("first matting / steady matting", start["first_matting_over_steady"], "<=", 2.0),
+        ("second start: first cut-out (s)", start["first_cutout_s"], "", None),
         (
             "new replica: scheduled -> serving (s)",
             replica.get("scheduled_to_first_answer_s"),
@@ -290,6 +298,9 @@ def targets(results: Json) -> list[tuple[str, float | bool | None, str, float | 
             "",
             None,
         ),
+        ("new node: deployed -> first cut-out (s)", node["first_cutout_s"], "", None),
+        ("new node: first cut-out answered 200", node["status"] == 200, "", None),
+        ("first matting / steady matting", start["first_matting_over_steady"], "<=", 2.0),
     ]
 
 
@@ -298,7 +309,7 @@ def table(results: Json) -> list[str]:
     fresh = results["fresh_install"]
     lines = [
         "",
-        "cold start (second start of serve_config.yaml on this machine)",
+        "cold starts, each to its first cut-out (second start of serve_config.yaml first)",
         f"  ready {start['ready_s']} s, first cut-out {start['first_cutout_s']} s "
         f"(first request {start['first_request_ms']} ms, steady {start['steady_request_ms']} ms)",
         "  steps (s from `serve run`): "
@@ -306,8 +317,9 @@ def table(results: Json) -> list[str]:
         f"  refiners warm: {start['refine']}; first matting {start['first_matting_ms']} ms, "
         f"steady {start['steady_matting_ms']} ms",
         f"  new model replica under load: {replica}",
-        f"  fresh virtualenv (`pip install .`, {fresh['install_s']} s): ready "
-        f"{fresh['ready_s']} s, first cut-out {fresh['first_cutout_s']} s",
-        "  new node from the cluster autoscaler: tests/test_cluster.py (not timed here)",
+        f"  fresh virtualenv (`pip install .`, {fresh['install_s']} s; stands in for the "
+        f"Docker image's start): ready {fresh['ready_s']} s, first cut-out "
+        f"{fresh['first_cutout_s']} s",
+        f"  new node from the cluster autoscaler: {results['new_node']}",
     ]
     return lines
