@@ -14,10 +14,10 @@ Measured on this machine, each path the way an operator meets it:
    session loaded and warm, and to the first request it answers;
 4. ``fresh_install``: this checkout installed as its wheel (`pip install .`, as
    the Docker image installs it) into a new virtualenv, then `serve run` from an
-   empty directory: the start a new machine, container or node pays (no bytecode,
-   no numba cache of its own). It stands in for the image's start where no
-   container engine runs.
-
+   empty directory: the start a new machine, container or node pays (nothing of
+   the checkout's virtualenv; pip compiles the bytecode at install, as the
+   image's build does). It stands in for the image's start where no container
+   engine runs;
 5. ``new_node``: a cluster that scales from no workers (Ray's fake multi-node
    provider, ``deployments.bench.cluster``): the app deployed on a CPU-less head,
    a node launched for the model replica, until the first cut-out.
