@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,44 @@ def test_healthy_while_a_batch_runs_and_probes_when_idle(server: Any) -> None:
         assert probes == [1]
     finally:
         server.loaded = type(server.loaded)(real, server.loaded.path, server.loaded.version)
+
+
+def test_every_session_run_happens_on_the_one_inference_thread() -> None:
+    """Three batches of 2 at once (the batch function itself: @serve.batch needs a
+    replica) and a health probe: every run of the real session on the same
+    thread, never two at once."""
+    server = loaded_server(max_batch_size=2)
+    real = server.loaded.model
+    threads: set[int] = set()
+    running = [0, 0]  # now, most at once
+    sizes: list[int] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def predict(self, images: list[npt.NDArray[np.uint8]]) -> Any:
+            threads.add(threading.get_ident())
+            sizes.append(len(images))
+            running[0] += 1
+            running[1] = max(running)
+            try:
+                return real.predict(images)
+            finally:
+                running[0] -= 1
+
+    server.loaded = type(server.loaded)(Recording(), server.loaded.path, server.loaded.version)
+
+    batch = ModelServer.func_or_class._predict_batch.__wrapped__  # type: ignore[attr-defined]
+    pair = [Pending(IMAGE, 0.0), Pending(IMAGE, 0.0)]
+
+    async def traffic() -> None:
+        server.last_ok = 0.0  # no batch for long: the probe runs an image
+        await asyncio.gather(server.check_health(), *(batch(server, pair) for _ in range(3)))
+
+    asyncio.run(traffic())
+    assert sorted(sizes) == [1, 2, 2, 2]  # the probe's image and the three batches
+    assert len(threads) == 1 and running[1] == 1, (threads, running)
 
 
 def test_malformed_input_is_refused_before_the_batch(server: Any) -> None:
