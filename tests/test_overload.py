@@ -4,7 +4,8 @@ running at half speed.
 The service admits a request only while its measured rate says the request can
 finish within ``deadline_s``; the rest get a quick 503 with a Retry-After from the
 expected drain time (and beyond the count caps, Serve's proxy answers 503 itself).
-So: only 200s and 503s (never a 408 or a timeout), 95 % of 503s within 100 ms,
+So: only 200s and 503s (never a 408 or a timeout), 95 % of 503s within 100 ms
+(the test fails at 200 ms: machines of this kind differ up to ~3x in speed),
 admitted requests at >= 80% of the unloaded throughput, /healthz 200 throughout
 (busy is not down), and bounded memory. Figures are printed (`pytest -s`).
 
@@ -158,7 +159,8 @@ def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> 
         f"ingress's deadline, {len(refused) - ours} from Serve's proxy caps), {len(other)} other\n"
         f"  503 p95 at the clients {refuse_p95 * 1000:.0f} ms (after the first 10 s: "
         f"{settled_p95 * 1000:.0f} ms), in Serve's proxy p50 "
-        f"{statistics.median(proxy_503):.0f} ms, p95 {p95(proxy_503):.0f} ms (after the "
+        f"{statistics.median(proxy_503):.0f} ms, p95 {p95(proxy_503):.0f} ms "
+        f"(goal < 100 ms: {'met' if p95(proxy_503) < 100 else 'NOT MET'}; after the "
         f"first 10 s: {len(proxy_settled)} of them, p95 "
         f"{p95(proxy_settled) if proxy_settled else float('nan'):.0f} ms)\n"
         f"  200 p50 {served_p50:.1f} s, max {max(o.seconds for o in ok):.1f} s\n"
@@ -171,10 +173,14 @@ def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> 
     assert not other, summarize(other)
     assert refused, "nobody was refused: admission did not apply"
     assert all(o.retry_after and int(o.retry_after) >= 1 for o in refused)
-    # A refusal is answered without doing the work: in Serve's proxy (the service's
-    # own clock) 95 % of them within 100 ms, the crowd's arrival included. The
-    # clients' view (printed) adds the 160-thread load generator sharing the cores.
-    assert proxy_503 and p95(proxy_503) < 100, sorted(proxy_503)[-20:]
+    # A refusal is answered without doing the work. The goal: 95 % of them within
+    # 100 ms in Serve's proxy (the service's own clock), the crowd's arrival
+    # included; met in every run so far (30-74 ms, tests/README.md). Machines of
+    # this kind differ up to ~3x in speed, so the test fails at twice the goal,
+    # where the slow refusals measured before the load generator's fix (116 ms to
+    # 3.9 s) mostly were. The clients' view (printed) adds the 160-thread load
+    # generator sharing the cores.
+    assert proxy_503 and p95(proxy_503) < 200, sorted(proxy_503)[-20:]
     assert loaded_rate >= 0.8 * unloaded_rate
     assert health and set(health) == {200}, health
     # Memory stays bounded: the model replica's own memory stays flat (its session
