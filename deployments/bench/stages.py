@@ -44,7 +44,7 @@ from deployments.bench.harness import (
     serve_replicas,
 )
 from deployments.compose import RefineLimits, compose, mask_to_size
-from deployments.decode import Limits, decode
+from deployments.decode import Limits, decode, probe
 from deployments.encode import encode
 from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file, spec_for
@@ -178,12 +178,8 @@ def thread_scaling(model: OnnxModel, data: bytes, images: int, threads: tuple[in
     base = rows[0]["images_per_s"]
     for row in rows:
         row["speedup"] = round(row["images_per_s"] / base, 2)
-    return {"megapixels": round(_megapixels(data), 2), "images": images, "rows": rows}
-
-
-def _megapixels(data: bytes) -> float:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.width * img.height / 1e6
+    width, height = probe(data, limits)
+    return {"megapixels": round(width * height / 1e6, 2), "images": images, "rows": rows}
 
 
 def _process_cpu(pids: dict[str, list[int]]) -> dict[str, float]:
