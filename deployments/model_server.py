@@ -183,6 +183,10 @@ class ModelServer:
                 # running finish on the old session.
                 model, path = await asyncio.to_thread(self._load, source, live.max_batch_size)
             self.loaded = Loaded(model, path, live.model_version)
+            # Its warm-up ran the session at every shape just now: proof enough for
+            # the health check Serve runs before the replica counts as ready, which
+            # would otherwise run one more image (0.3-0.6 s of a new replica's start).
+            self.last_ok = time.monotonic()
             logger.info(
                 "model %s: %s %s (version %s) on %s in %.2fs (load %.2fs, warm-up %.2fs, "
                 "shapes %s, batched %s)",

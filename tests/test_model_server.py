@@ -20,6 +20,7 @@ import numpy.typing as npt
 import pytest
 
 from deployments.errors import InferenceFailed, ServiceError
+from deployments.infer import OnnxModel
 from deployments.model_server import ModelServer, Pending, Resources
 from deployments.models import EMBEDDED
 from deployments.settings import LiveModelConfig
@@ -144,6 +145,28 @@ def test_healthy_while_a_batch_runs_and_probes_when_idle(server: Any) -> None:
         assert probes == [1]
     finally:
         server.loaded = type(server.loaded)(real, server.loaded.path, server.loaded.version)
+
+
+def test_the_warm_up_is_the_first_health_checks_proof() -> None:
+    # Serve checks a new replica's health right after its first reconfigure: the
+    # warm-up has just run the session, so that check runs no image of its own.
+    fresh = SERVER({"name": "u2netp"}, 0.0, resources=Resources(cpus=2))
+    runs: list[int] = []
+    original = OnnxModel._run
+
+    def counting(self: OnnxModel, batch: Any) -> Any:
+        runs.append(len(batch))
+        return original(self, batch)
+
+    OnnxModel._run = counting  # type: ignore[method-assign]
+    try:
+        asyncio.run(fresh.reconfigure({"max_batch_size": 2}))
+        warm_up = list(runs)
+        asyncio.run(fresh.check_health())
+    finally:
+        OnnxModel._run = original  # type: ignore[method-assign]
+    assert warm_up == [2, 1]
+    assert runs == warm_up
 
 
 def test_every_session_run_happens_on_the_one_inference_thread() -> None:
