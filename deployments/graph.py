@@ -9,7 +9,6 @@ when they run; the default path never imports it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ import numpy as np
 
 from deployments.models import ModelSpec
 from deployments.runtime import RuntimeConfig
-
-logger = logging.getLogger(__name__)
 
 # The name of the uint8 (N, H, W, 3) input that ``with_preprocessing`` adds.
 IMAGE_INPUT = "image_uint8"
