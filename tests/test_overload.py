@@ -175,7 +175,7 @@ def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> 
     assert all(o.retry_after and int(o.retry_after) >= 1 for o in refused)
     # A refusal is answered without doing the work. The goal: 95 % of them within
     # 100 ms in Serve's proxy (the service's own clock), the crowd's arrival
-    # included; met in every run so far (30-74 ms, tests/README.md). Machines of
+    # included; met in most runs (30-74 ms; 111 ms once, tests/README.md). Machines of
     # this kind differ up to ~3x in speed, so the test fails at twice the goal,
     # where the slow refusals measured before the load generator's fix (116 ms to
     # 3.9 s) mostly were. The clients' view (printed) adds the 160-thread load
