@@ -179,8 +179,13 @@ def fake_cluster(
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def nodes_with(resource: str) -> list[str]:
+    """The IDs of the live nodes that offer ``resource`` (GPU, CPU)."""
+    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource, 0) > 0]
+
+
 def gpu_nodes() -> list[str]:
-    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
+    return nodes_with("GPU")
 
 
 def connect(cluster: FakeCluster, log: Path, timeout_s: float = 300) -> None:
@@ -203,11 +208,7 @@ def new_node(image: bytes, log: Path) -> Json:
     until the app runs and until the first cut-out is answered."""
     with fake_cluster(log, head_cpus=0, worker=CPU_WORKER) as cluster:
         connect(cluster, log)
-
-        def workers() -> list[str]:
-            return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
-
-        before = len(workers())
+        before = len(nodes_with("CPU"))
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         started = time.monotonic()
@@ -219,7 +220,7 @@ def new_node(image: bytes, log: Path) -> Json:
         first_s = time.monotonic() - started
         return {
             "workers_before": before,
-            "workers_after": len(workers()),
+            "workers_after": len(nodes_with("CPU")),
             "status": response.status_code,
             "app_running_s": round(up_s, 2),
             "first_cutout_s": round(first_s, 2),
