@@ -5,34 +5,56 @@ per megapixel, against Pillow's decode), ``throughput`` (the model limit, the sa
 process, the service over HTTP and ``rembg s`` side by side), ``cold`` (a start
 until the first cut-out, the first matting request, a new replica under load) and
 ``bulk`` (``rembg-serve batch`` on Ray Data against the HTTP path, same images). It
-prints a table with each target marked PASS or FAIL and writes everything as JSON.
-Compare the ratios, not the absolute figures: machines differ several times in raw
-speed.
+prints a table with each target marked PASS or FAIL and writes everything as JSON,
+with the machine and the date. Compare the ratios, not the absolute figures:
+machines differ several times in raw speed. ``python -m deployments.bench report``
+renders such a JSON into tests/README.md's figures section (deployments/bench/report.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deployments.bench import bulk, cold, stages, throughput
+from deployments.bench import bulk, cold, report, stages, throughput
 from deployments.bench.harness import ROOT, Json, rembg_home, shared_images
 
 SECTIONS = ("stages", "throughput", "cold", "bulk")
 
 
-def machine() -> str:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-        f"load {load}, Python {platform.python_version()}"
-    )
+def machine() -> Json:
+    """What the figures depend on: the CPU, its cores and memory, the software's versions.
+
+    No host name and no load: a run names the kind of machine, not the day.
+    """
+    import onnxruntime
+    import ray
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "system": platform.system(),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "ray": ray.__version__,
+    }
 
 
 def judged(name: str, value: Any, op: str, goal: float | None) -> Json:
@@ -52,7 +74,11 @@ def judged(name: str, value: Any, op: str, goal: float | None) -> Json:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deployments.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.bench",
+        description=__doc__,
+        epilog="python -m deployments.bench report --help: the figures of tests/README.md",
+    )
     parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"of {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     parser.add_argument(
@@ -79,12 +105,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report.main(argv[1:])
     args = parse(argv)
     sections = args.sections or list(SECTIONS)
     images = shared_images()
-    results: Json = {"machine": machine(), "argv": sys.argv[1:] if argv is None else argv}
+    results: Json = {
+        "machine": machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": argv,
+    }
     targets: list[Json] = []
-    lines: list[str] = [f"machine: {results['machine']}", ""]
+    lines: list[str] = [f"machine: {report.describe_machine(results['machine'])}", ""]
     with tempfile.TemporaryDirectory(prefix="rembg-bench-") as tmp_name:
         tmp = Path(tmp_name)
         home = rembg_home(tmp)
