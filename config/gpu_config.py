@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from deployments.bench.harness import merged
-from deployments.settings import MODEL_DEPLOYMENT_PREFIX
+from deployments.settings import MODEL_DEPLOYMENT_PREFIX, load_serve_config, merged
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
@@ -48,7 +47,7 @@ def gpu_override(deployment: str) -> dict[str, Any]:
 
 
 def gpu_config() -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config = load_serve_config(ROOT / "serve_config.yaml")
     for app in config["applications"]:
         app["args"] = merged(app["args"], GPU_ARGS)
         app["deployments"] = [merged(d, gpu_override(d["name"])) for d in app["deployments"]]

@@ -2,8 +2,8 @@
 
 rembg-serve batch photos/ cutouts/ --model u2netp
 
-``plan`` lists the inputs and maps each to its output, the folders kept (as
-``rembg-serve remove`` does, same-named files apart), leaving out those already
+``bulk_plan.plan`` lists the inputs and maps each to its output, the folders kept
+(as ``rembg-serve remove`` does, same-named files apart), leaving out those already
 written: a rerun resumes. ``run`` then streams the rest, as batches of file names,
 to an autoscaling Ray Data actor pool of ``Cutter``: each actor holds one warm
 ``OnnxModel`` and runs the service's stages (``deployments.pipeline``) around it,
@@ -11,8 +11,8 @@ read + decode + resize -> the model, on the batch -> compose + encode + write, s
 that a cut-out is the endpoint's, pixel for pixel, and nothing but names and
 results crosses Ray's object store. Each output is written under a temporary name
 and renamed: a killed run never leaves a half-written file. An image that cannot
-be read, decoded or served becomes a line of the failures report, never an error
-of the run. One run at a time per output folder.
+be read, decoded or served becomes a line of the failures report
+(``bulk_report``), never an error of the run. One run at a time per output folder.
 
 Paths are local, or any URI pyarrow's filesystems open (``s3://``, ``gs://``,
 ``abfs://``, ``hdfs://``), each node reading and writing directly.
@@ -21,7 +21,6 @@ Paths are local, or any URI pyarrow's filesystems open (``s3://``, ``gs://``,
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
@@ -29,8 +28,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,92 +38,19 @@ import pyarrow.fs as pafs
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
-from deployments.cli import IMAGE_SUFFIXES, output_names
+from deployments.bulk_plan import filesystem, plan
+from deployments.bulk_report import Summary, report, write_failures
 from deployments.compose import RefineLimits
 from deployments.decode import Limits, probe
 from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
+from deployments.files import write_atomic
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
 from deployments.pipeline import Prepared, finish, prepare, reuse_image_memory
+from deployments.runtime import use_gpu_for
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
-
-FAILURES_NAME = "_failures.jsonl"
-_PARTIAL = ".part"
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem holding ``uri`` and the path on it (local paths made absolute)."""
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-
-
-def _is_image(path: str) -> bool:
-    return PurePosixPath(path).suffix.lower() in IMAGE_SUFFIXES
-
-
-def list_inputs(uri: str) -> list[tuple[str, PurePosixPath]]:
-    """Every image under ``uri`` (a folder, a file or a local glob) with its
-    path relative to the folder (for a glob: to the folder before its first
-    wildcard), sorted."""
-    if "://" not in uri and glob.has_magic(uri):
-        parts = Path(uri).expanduser().parts
-        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-        base = Path(*parts[:fixed]).resolve() if fixed else Path.cwd()
-        files = (Path(p).resolve() for p in glob.glob(str(Path(*parts)), recursive=True))
-        return sorted(
-            (str(p), PurePosixPath(p.relative_to(base).as_posix()))
-            for p in files
-            if p.is_file() and _is_image(p.name)
-        )
-    fs, root = filesystem(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        return [(root, PurePosixPath(PurePosixPath(root).name))]
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no such file or folder: {uri}")
-    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(
-        (f.path, PurePosixPath(f.path).relative_to(root))
-        for f in found
-        if f.type == pafs.FileType.File and _is_image(f.path)
-    )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run does: (source, target) pairs still to do, and how many are done."""
-
-    todo: list[tuple[str, str]]
-    skipped: int
-    output_root: str
-
-
-def plan(input_uri: str, output_uri: str, suffix: str) -> Plan:
-    """Inputs -> outputs under ``output_uri``, without those already written."""
-    inputs = list_inputs(input_uri)
-    names = output_names([rel for _, rel in inputs], suffix)
-    fs, out_root = filesystem(output_uri)
-    present = set()
-    for f in fs.get_file_info(pafs.FileSelector(out_root, recursive=True, allow_not_found=True)):
-        if f.type != pafs.FileType.File:
-            continue
-        if f.path.endswith(_PARTIAL):
-            # Left by a killed run, never renamed into place: its image is redone.
-            fs.delete_file(f.path)
-        else:
-            present.add(f.path)
-    pairs = [
-        (src, f"{out_root}/{name.as_posix()}")
-        for (src, _), name in zip(inputs, names, strict=True)
-        # OUTPUT inside INPUT: the cut-outs are not inputs of the next run.
-        if not src.startswith(out_root + "/")
-    ]
-    todo = [(src, target) for src, target in pairs if target not in present]
-    return Plan(todo=todo, skipped=len(pairs) - len(todo), output_root=out_root)
 
 
 def _rss_mib() -> float:
@@ -153,15 +79,6 @@ def _read(fs: pafs.FileSystem, path: str, limits: Limits) -> bytes:
             )
         data: bytes = stream.read()
         return data
-
-
-def _write(fs: pafs.FileSystem, target: str, body: bytes) -> None:
-    """``body`` at ``target``, through a temporary name: never half a file there."""
-    fs.create_dir(str(PurePosixPath(target).parent), recursive=True)
-    partial = target + _PARTIAL
-    with fs.open_output_stream(partial) as out:
-        out.write(body)
-    fs.move(partial, target)
 
 
 class PixelBudget:
@@ -310,66 +227,9 @@ class Cutter:
                     image, mask, job.options, job.fmt, job.png_compress_level, job.refine
                 ).body
                 del image
-                _write(self.target_fs, str(batch["target"][i]), body)
+                write_atomic(str(batch["target"][i]), body, self.target_fs)
             except Exception as exc:  # one bad image fails alone
                 status[i], message[i] = _failure(exc)
-
-
-@dataclass
-class Summary:
-    """What a run did; ``failures`` are (source, status, message)."""
-
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    # Seconds until the first results (Ray Data's start, the actors' model load
-    # and warm-up).
-    first_results_s: float = 0.0
-    # When the pool was full (as many images out as its calls hold at once) and
-    # the images out by then: the steady rate is measured from there.
-    steady_from_s: float = 0.0
-    steady_from: int = 0
-    megapixels: float = 0.0
-    failures: list[tuple[str, int, str]] = field(default_factory=list)
-    # Per actor: its RSS after its first batch, and the highest seen after a batch.
-    actor_rss_mib: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds else 0.0
-
-    @property
-    def steady_images_per_s(self) -> float:
-        """Images/s once the pool was full (its start left out); 0 for a run too
-        short to tell."""
-        rest = self.done + self.failed - self.steady_from
-        seconds = self.seconds - self.steady_from_s
-        return rest / seconds if self.steady_from and rest > 0 and seconds > 0 else 0.0
-
-    @property
-    def megapixels_per_s(self) -> float:
-        return self.megapixels / self.seconds if self.seconds else 0.0
-
-    def add(self, rows: dict[str, npt.NDArray[Any]]) -> None:
-        for i, source in enumerate(rows["source"]):
-            if rows["status"][i]:
-                self.failed += 1
-                self.failures.append((str(source), int(rows["status"][i]), str(rows["message"][i])))
-            else:
-                self.done += 1
-                self.megapixels += int(rows["pixels"][i]) / 1e6
-            actor, rss = str(rows["actor"][i]), float(rows["rss_mib"][i])
-            first, peak = self.actor_rss_mib.get(actor, (rss, rss))
-            self.actor_rss_mib[actor] = (first, max(peak, rss))
-
-    def as_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("failures")
-        out["images_per_s"] = round(self.images_per_s, 3)
-        out["steady_images_per_s"] = round(self.steady_images_per_s, 3)
-        out["megapixels_per_s"] = round(self.megapixels_per_s, 3)
-        return out
 
 
 @dataclass(frozen=True)
@@ -407,8 +267,7 @@ def _actor_resources(config: BulkConfig) -> tuple[dict[str, float], int]:
     cluster = ray.cluster_resources()
     settings = config.settings
     cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
-    use_gpu = settings.device == "gpu" or (settings.device == "auto" and gpus > 0)
-    if use_gpu:
+    if use_gpu_for(settings.device, gpus):
         most = int(gpus / settings.num_gpus)
         resources = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
     else:
@@ -474,61 +333,8 @@ def run(input_uri: str, output_uri: str, config: BulkConfig) -> Summary:
                 summary.steady_from_s = time.perf_counter() - started
                 summary.steady_from = out
     summary.seconds = time.perf_counter() - started
-    _write_failures(output_uri, summary.failures)
+    write_failures(output_uri, summary.failures)
     return summary
-
-
-def _write_failures(output_uri: str, failures: list[tuple[str, int, str]]) -> None:
-    """``_failures.jsonl`` in the output folder: one line per image that failed
-    in this run (none: the file is removed, so it never tells of an older run)."""
-    fs, root = filesystem(output_uri)
-    path = f"{root}/{FAILURES_NAME}"
-    if not failures:
-        if fs.get_file_info(path).type == pafs.FileType.File:
-            fs.delete_file(path)
-        return
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(path) as out:
-        for source, status, message in failures:
-            line = {"path": source, "status": status, "message": message}
-            out.write((json.dumps(line) + "\n").encode())
-
-
-def iter_failures(output_uri: str) -> Iterator[dict[str, Any]]:
-    """The failures report of the last run into ``output_uri``."""
-    fs, root = filesystem(output_uri)
-    path = f"{root}/{FAILURES_NAME}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return
-    with fs.open_input_stream(path) as stream:
-        for line in stream.read().decode().splitlines():
-            yield json.loads(line)
-
-
-def report(summary: Summary, output_uri: str) -> str:
-    """The summary a person reads at the end of a run."""
-    lines = [
-        f"{summary.done} done, {summary.skipped} already there, {summary.failed} failed "
-        f"in {summary.seconds:.1f}s (first results at {summary.first_results_s:.1f}s): "
-        f"{summary.images_per_s:.2f} images/s, {summary.megapixels_per_s:.2f} MP/s"
-        + (
-            f" ({summary.steady_images_per_s:.2f} images/s once under way)"
-            if summary.steady_images_per_s
-            else ""
-        )
-        + f" -> {output_uri}"
-    ]
-    for actor, (first, peak) in sorted(summary.actor_rss_mib.items()):
-        lines.append(
-            f"  actor {actor[-8:]}: RSS {first:.0f} MiB after its first batch, peak {peak:.0f} MiB"
-        )
-    if summary.failures:
-        lines.append(f"  failures: {filesystem(output_uri)[1]}/{FAILURES_NAME}")
-        for source, status, message in summary.failures[:10]:
-            lines.append(f"  FAILED {source}: {status} {message}")
-        if len(summary.failures) > 10:
-            lines.append(f"  ... and {len(summary.failures) - 10} more")
-    return "\n".join(lines)
 
 
 def main_run(input_uri: str, output_uri: str, config: BulkConfig, address: str | None) -> int:

@@ -1,10 +1,9 @@
-"""``rembg-serve``: fetch models, send folders through the service, check it, bench it.
+"""``rembg-serve``: fetch models, send folders through the service, check it.
 
 rembg-serve fetch u2net isnet-general-use    # into rembg's model store
 rembg-serve remove photos/ -o out/ --concurrency 16
 rembg-serve batch photos/ out/                # on Ray Data, no service
 rembg-serve health --url http://10.0.0.5:8000
-rembg-serve bench --quick
 """
 
 from __future__ import annotations
@@ -14,67 +13,18 @@ import asyncio
 import json
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import httpx
 
 from deployments.client import DEFAULT_URL, ApiError, AsyncClient, Client, Options, Retry
+from deployments.files import FileJob, plan, write_atomic
 from deployments.options import OptionsError, parse
 from deployments.settings import AppSettings, LiveModelConfig
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 API_KEY_ENV = "REMBG_SERVE_API_KEY"
-
-
-@dataclass(frozen=True)
-class Job:
-    source: Path
-    target: Path
-
-
-def output_names(rels: Sequence[PurePath], suffix: str) -> list[PurePath]:
-    """Each input's relative path -> its output's, the folders kept.
-
-    The mapping depends only on the inputs, so a rerun finds the same outputs
-    (that is what makes a run resumable). ``a.jpg`` and ``a.png`` in one folder
-    would both become ``a.png``: those keep their full name (``a.jpg.png``).
-    """
-    stems = Counter(rel.with_suffix("") for rel in rels)
-    return [
-        rel.parent / ((rel.name if stems[rel.with_suffix("")] > 1 else rel.stem) + suffix)
-        for rel in rels
-    ]
-
-
-def plan(inputs: Sequence[Path], outdir: Path, suffix: str) -> list[Job]:
-    """Each input file -> its output path; folders are walked, their layout kept
-    (see ``output_names``)."""
-    pairs: list[tuple[Path, Path]] = []
-    for item in inputs:
-        if item.is_dir():
-            files = sorted(
-                p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            pairs.extend((p, p.relative_to(item)) for p in files)
-        elif item.is_file():
-            pairs.append((item, Path(item.name)))
-        else:
-            raise FileNotFoundError(f"no such file or folder: {item}")
-    names = output_names([rel for _, rel in pairs], suffix)
-    return [Job(source, outdir / name) for (source, _), name in zip(pairs, names, strict=True)]
-
-
-def _write(target: Path, data: bytes) -> None:
-    # Through a temporary name: an interrupted run never leaves a truncated
-    # output that a resumed run would take as done.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    partial.write_bytes(data)
-    partial.replace(target)
 
 
 def _describe(exc: BaseException) -> str:
@@ -84,7 +34,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def remove_all(
-    jobs: Sequence[Job],
+    jobs: Sequence[FileJob],
     client: AsyncClient,
     options: Options,
     concurrency: int,
@@ -96,7 +46,7 @@ async def remove_all(
     todo = [job for job in jobs if not job.target.is_file()]
     skipped = len(jobs) - len(todo)
     failures: list[tuple[Path, str]] = []
-    queue: asyncio.Queue[Job] = asyncio.Queue()
+    queue: asyncio.Queue[FileJob] = asyncio.Queue()
     for job in todo:
         queue.put_nowait(job)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr)
@@ -106,7 +56,7 @@ async def remove_all(
             job = queue.get_nowait()
             try:
                 result = await client.remove(job.source, options)
-                await asyncio.to_thread(_write, job.target, result.data)
+                await asyncio.to_thread(write_atomic, job.target, result.data)
             except (ApiError, httpx.HTTPError, OSError) as exc:
                 failures.append((job.source, _describe(exc)))
                 bar.set_postfix(failed=len(failures))
@@ -184,19 +134,6 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def settings_from(config: Path | None) -> AppSettings:
-    """The service's settings (its application's ``args``) from a Serve config file."""
-    import yaml
-
-    if config is None:
-        return AppSettings()
-    data = yaml.safe_load(config.read_text()) or {}
-    for app in data.get("applications", []):
-        if str(app.get("import_path", "")).startswith("deployments."):
-            return AppSettings.model_validate(app.get("args") or {})
-    raise ValueError(f"{config} has no application of this service (import_path deployments.*)")
-
-
 def cmd_batch(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -218,7 +155,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         config_file = Path("serve_config.yaml")
     try:
         query = options_from(args)
-        settings = settings_from(config_file)
+        settings = (
+            AppSettings() if config_file is None else AppSettings.from_serve_config(config_file)
+        )
         if query.model is not None:
             ModelConfig(name=query.model)  # a known name, or the error says which are
     except (OSError, OptionsError, ValidationError, ValueError) as exc:
@@ -266,16 +205,6 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if health.ok else 1
 
 
-def _configured_models(config: Path) -> list[str]:
-    import yaml
-
-    data = yaml.safe_load(config.read_text())
-    names: list[str] = []
-    for app in data.get("applications", []):
-        names.extend(m["name"] for m in app.get("args", {}).get("models", []) if "path" not in m)
-    return names
-
-
 def cmd_fetch(args: argparse.Namespace) -> int:
     from deployments.errors import ServiceError
     from deployments.models import EMBEDDED, MODEL_TABLE, fetch_model
@@ -289,7 +218,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        names = _configured_models(args.config)
+        try:
+            settings = AppSettings.from_serve_config(args.config)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # A model given a path is read from there: nothing to fetch for it.
+        names = [model.name for model in settings.models if model.path is None]
     failed = 0
     for name in names:
         if name in EMBEDDED:
@@ -302,17 +237,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{name}: FAILED: {exc}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    # Imported here: the benchmark pulls in the pipeline and ONNX Runtime.
-    try:
-        from deployments.bench.__main__ import main as bench
-    except ImportError:
-        # The wheel leaves the benchmark out: it reads the repository's test photos.
-        print("the benchmark runs from a source checkout: pip install -e .", file=sys.stderr)
-        return 2
-    return bench(list(args.bench_args))
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -382,22 +306,11 @@ def parser() -> argparse.ArgumentParser:
     _add_connection(health)
     health.add_argument("--json", action="store_true")
     health.set_defaults(func=cmd_health)
-
-    bench = sub.add_parser(
-        "bench", help="the benchmark (python -m deployments.bench); arguments go to it"
-    )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
     return root
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    given = sys.argv[1:] if argv is None else list(argv)
-    if given[:1] == ["bench"]:
-        # Everything after `bench` is the benchmark's own command line, options
-        # included, which argparse's REMAINDER does not reliably pass through.
-        return cmd_bench(argparse.Namespace(bench_args=given[1:]))
-    args = parser().parse_args(given)
+    args = parser().parse_args(None if argv is None else list(argv))
     code: int = args.func(args)
     return code
 

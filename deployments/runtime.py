@@ -1,8 +1,10 @@
 """How a model replica runs its session: providers, threads and the GPU memory cap.
 
-``runtime_for`` turns what Ray assigned a replica (CPUs, GPU ids, GPU fraction)
-into a ``RuntimeConfig``; ``providers_for`` turns that into ONNX Runtime's
-execution providers, the CUDA arena capped at the replica's fraction of the card.
+``use_gpu_for`` picks the GPU or the CPU path from the settings' ``device`` and
+the cluster (for the service and bulk mode alike); ``runtime_for`` turns what Ray
+assigned a replica (CPUs, GPU ids, GPU fraction) into a ``RuntimeConfig``;
+``providers_for`` turns that into ONNX Runtime's execution providers, the CUDA
+arena capped at the replica's fraction of the card.
 Nothing here needs a GPU, Ray, pydantic or rembg to import.
 """
 
@@ -47,6 +49,19 @@ class RuntimeConfig:
     # replica feeds the uint8 images as they are (a quarter of the bytes to copy
     # to the device, and no float64 numpy work on the replica's CPU).
     preprocess_in_graph: bool = False
+
+
+def use_gpu_for(device: str, cluster_gpus: float) -> bool:
+    """``auto`` takes the GPU path exactly when the cluster has GPUs.
+
+    A cluster that autoscales GPU nodes from zero shows none until one is up:
+    set ``device: gpu`` there, so that replicas ask for GPUs and nodes come.
+    """
+    if device == "gpu":
+        return True
+    if device == "cpu":
+        return False
+    return cluster_gpus > 0
 
 
 def providers_for(config: RuntimeConfig) -> list[str | tuple[str, dict[str, Any]]]:

@@ -15,6 +15,7 @@ from ray import serve
 
 from deployments.ingress import Ingress
 from deployments.model_server import ModelServer
+from deployments.runtime import use_gpu_for
 from deployments.settings import AppSettings, LiveModelConfig, deployment_name
 
 logger = logging.getLogger("ray.serve")
@@ -24,19 +25,6 @@ def _cluster_gpus() -> float:
     if not ray.is_initialized():
         return 0.0
     return float(ray.cluster_resources().get("GPU", 0.0))
-
-
-def use_gpu_for(device: str, cluster_gpus: float) -> bool:
-    """``auto`` takes the GPU path exactly when the cluster has GPUs.
-
-    A cluster that autoscales GPU nodes from zero shows none until one is up:
-    set ``device: gpu`` there, so that replicas ask for GPUs and nodes come.
-    """
-    if device == "gpu":
-        return True
-    if device == "cpu":
-        return False
-    return cluster_gpus > 0
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

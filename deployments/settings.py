@@ -2,14 +2,19 @@
 
 ``AppSettings`` is the application's ``args`` block; ``LiveModelConfig`` is a model
 deployment's ``user_config`` (applied live by ``reconfigure``). Unknown keys are
-rejected so that a typo in the config fails at start, not silently.
+rejected so that a typo in the config fails at start, not silently. A Serve config
+file is read here and nowhere else (``load_serve_config``,
+``AppSettings.from_serve_config``).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.compose import RefineLimits
@@ -23,6 +28,37 @@ MODEL_DEPLOYMENT_PREFIX = "Model_"
 def deployment_name(model: str) -> str:
     """The Serve deployment that serves ``model`` (its block in serve_config.yaml)."""
     return MODEL_DEPLOYMENT_PREFIX + model
+
+
+def load_serve_config(path: Path) -> dict[str, Any]:
+    """A Serve config file (serve_config.yaml's format), as YAML reads it."""
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a Serve config (a mapping at the top)")
+    return config
+
+
+def service_app(config: Mapping[str, Any]) -> dict[str, Any]:
+    """This service's application in a Serve config: the one whose
+    ``import_path`` is in ``deployments``."""
+    for app in config.get("applications") or []:
+        if str(app.get("import_path", "")).startswith("deployments."):
+            found: dict[str, Any] = app
+            return found
+    raise ValueError("the config has no application of this service (import_path deployments.*)")
+
+
+def merged(base: Mapping[str, Any], edit: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``edit`` merged in, nested dicts key by key; a None value removes."""
+    out = copy.deepcopy(dict(base))
+    for key, value in edit.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 class _Strict(BaseModel):
@@ -105,6 +141,16 @@ class AppSettings(_Strict):
         if self.pixel_budget < self.limits.max_pixels:
             raise ValueError("pixel_budget must hold at least one image of limits.max_pixels")
         return self
+
+    @classmethod
+    def from_serve_config(cls, path: Path) -> AppSettings:
+        """The settings this service's application (its ``args``) has in a Serve
+        config file; ValueError (pydantic's ValidationError is one) if invalid."""
+        try:
+            app = service_app(load_serve_config(path))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        return cls.model_validate(app.get("args") or {})
 
     @property
     def default_model_name(self) -> str:

@@ -34,8 +34,9 @@ from conftest import (
     image_bytes,
     load_image,
 )
-from deployments.bulk import FAILURES_NAME, BulkConfig, PixelBudget, iter_failures, run
-from deployments.cli import main, settings_from
+from deployments.bulk import BulkConfig, PixelBudget, run
+from deployments.bulk_report import FAILURES_NAME, iter_failures
+from deployments.cli import main
 from deployments.decode import Limits
 from deployments.options import CutoutOptions
 from deployments.settings import AppSettings
@@ -106,7 +107,7 @@ def test_bulk_pixels_are_the_endpoints(
     for path in SHARED_IMAGES:
         shutil.copy(path, src / path.name)
     # The settings the test service runs with: serve_config.yaml's.
-    settings = settings_from(ROOT / "serve_config.yaml")
+    settings = AppSettings.from_serve_config(ROOT / "serve_config.yaml")
     summary = run(
         str(src), str(out), BulkConfig(settings=settings, options=options, progress=False)
     )

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
 from conftest import FIXTURES, Service, free_port, gradient, image_bytes, load_image
-from deployments.cli import Job, main, plan
+from deployments.cli import main
+from deployments.files import FileJob, plan, write_atomic
 
 SCRIPT = Path(sys.executable).parent / "rembg-serve"
 
@@ -36,11 +38,11 @@ def test_plan_walks_folders_keeps_layout_and_avoids_clashes(tmp_path: Path) -> N
     jobs = plan([photos, single], tmp_path / "out", ".png")
     out = tmp_path / "out"
     assert jobs == [
-        Job(photos / "a.jpg", out / "a.jpg.png"),
-        Job(photos / "a.png", out / "a.png.png"),
-        Job(photos / "b.png", out / "b.png"),
-        Job(photos / "sub" / "c.webp", out / "sub" / "c.png"),
-        Job(single, out / "car-1.png"),
+        FileJob(photos / "a.jpg", out / "a.jpg.png"),
+        FileJob(photos / "a.png", out / "a.png.png"),
+        FileJob(photos / "b.png", out / "b.png"),
+        FileJob(photos / "sub" / "c.webp", out / "sub" / "c.png"),
+        FileJob(single, out / "car-1.png"),
     ]
     # Same inputs, same plan: what makes a rerun resumable.
     assert plan([photos, single], out, ".png") == jobs
@@ -49,6 +51,25 @@ def test_plan_walks_folders_keeps_layout_and_avoids_clashes(tmp_path: Path) -> N
 def test_plan_refuses_a_missing_input(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         plan([tmp_path / "nope"], tmp_path / "out", ".png")
+
+
+@pytest.mark.parametrize("through", ["path", "local fs", "other fs"])
+def test_write_atomic_leaves_the_whole_file_and_no_partial(tmp_path: Path, through: str) -> None:
+    # "other fs": a pyarrow filesystem that is not the local one, as s3:// is,
+    # so that its streams and move are the ones used.
+    fs = {
+        "path": None,
+        "local fs": pafs.LocalFileSystem(),
+        "other fs": pafs.SubTreeFileSystem("/", pafs.LocalFileSystem()),
+    }[through]
+    target = tmp_path / "deep" / "er" / "out.png"
+    # A partial file a killed run left behind is overwritten, then renamed away.
+    target.parent.mkdir(parents=True)
+    (target.parent / "out.png.part").write_bytes(b"half")
+    write_atomic(str(target), b"first", fs)
+    write_atomic(str(target), b"second, longer", fs)
+    assert target.read_bytes() == b"second, longer"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.png"]
 
 
 def test_remove_a_folder_resumes_and_reports_failures(
@@ -127,7 +148,8 @@ def test_fetch_reads_the_models_of_a_config(
 ) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(
-        "applications:\n  - args:\n      models:\n        - name: u2netp\n"
+        "applications:\n  - import_path: deployments.serve_app:build_app\n"
+        "    args:\n      models:\n        - name: u2netp\n"
         "        - {name: u2net, path: /models/u2net.onnx}\n"
     )
     # u2net has an explicit path: nothing to fetch for it.
@@ -137,17 +159,23 @@ def test_fetch_reads_the_models_of_a_config(
     ]
 
 
-def test_console_script_and_bench_are_wired() -> None:
+def test_fetch_refuses_a_config_without_this_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("applications:\n  - import_path: other.app:build\n    args: {}\n")
+    assert main(["fetch", "--config", str(config)]) == 2
+    assert "no application of this service" in capsys.readouterr().err
+
+
+def test_console_script_is_wired_and_ships_no_benchmark() -> None:
     assert SCRIPT.is_file(), "run `pip install -e .` to install the rembg-serve script"
     done = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    assert all(cmd in done.stdout for cmd in ("fetch", "remove", "health", "bench"))
-    # `bench` hands its arguments to deployments.bench's own parser.
-    bench = subprocess.run(
-        [str(SCRIPT), "bench", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert bench.returncode == 0, bench.stderr
-    assert "usage:" in bench.stdout and "bench" in bench.stdout
+    assert all(cmd in done.stdout for cmd in ("fetch", "remove", "batch", "health"))
+    # The benchmark runs from a checkout (python -m deployments.bench), not the shipped CLI.
+    bench = subprocess.run([str(SCRIPT), "bench"], capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 2 and "invalid choice: 'bench'" in bench.stderr
 
 
 def test_result_is_a_cutout_of_the_car(service: Service, tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ from deployments.bench.cluster import (
     new_node,
     pids_under,
 )
-from deployments.serve_app import build_app, use_gpu_for
+from deployments.runtime import use_gpu_for
+from deployments.serve_app import build_app
 
 pytestmark = pytest.mark.slow
 

@@ -31,8 +31,8 @@ from deployments.bench.harness import Load
 from deployments.errors import ModelUnavailable
 from deployments.infer import OnnxModel
 from deployments.models import resolve_model_file, spec_for
-from deployments.runtime import RuntimeConfig
-from deployments.serve_app import build_app, use_gpu_for
+from deployments.runtime import RuntimeConfig, use_gpu_for
+from deployments.serve_app import build_app
 
 APP = "rembg"
 MODEL = "Model_u2netp"

@@ -19,7 +19,8 @@ from deployments.ingress import node_cpus
 from deployments.models import resolve_model_file
 from deployments.pipeline import prepare
 from deployments.preprocess import unpack_mask
-from deployments.serve_app import build_app, use_gpu_for
+from deployments.runtime import use_gpu_for
+from deployments.serve_app import build_app
 from deployments.settings import AppSettings
 
 pytestmark = pytest.mark.serve

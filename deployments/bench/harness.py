@@ -8,7 +8,6 @@ answers within a timeout, always stopped afterwards.
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import shutil
@@ -33,6 +32,7 @@ import yaml
 from PIL import Image
 
 from deployments.models import EMBEDDED
+from deployments.settings import load_serve_config, merged, service_app
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -55,19 +55,6 @@ def shared_images() -> dict[str, bytes]:
 # --- configs ---------------------------------------------------------------------------
 
 
-def merged(base: Mapping[str, Any], edit: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``edit`` merged in, nested dicts key by key; a None value removes."""
-    out = copy.deepcopy(dict(base))
-    for key, value in edit.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def serve_config(
     port: int,
     *,
@@ -78,9 +65,8 @@ def serve_config(
 ) -> Json:
     """serve_config.yaml on ``port``, with edits merged into the app's args, into the
     named deployments' options and into the top level (``http_options``, ...)."""
-    config: Json = yaml.safe_load(source.read_text())
-    config = merged(merged(config, top or {}), {"http_options": {"port": port}})
-    app = config["applications"][0]
+    config = merged(merged(load_serve_config(source), top or {}), {"http_options": {"port": port}})
+    app = service_app(config)
     app["args"] = merged(app["args"], args or {})
     edits = dict(deployments or {})
     app["deployments"] = [merged(d, edits.get(d["name"], {})) for d in app["deployments"]]
@@ -179,7 +165,7 @@ def start_service(
     ``serve``: the command (another virtualenv's), run in ``cwd``. A local Ray's
     start can time out on an overloaded machine: it is tried twice.
     """
-    port = yaml.safe_load(config.read_text())["http_options"]["port"]
+    port = load_serve_config(config)["http_options"]["port"]
     argv = [str(serve or Path(sys.executable).parent / "serve"), "run", str(config)]
     url = f"http://127.0.0.1:{port}"
     try:
