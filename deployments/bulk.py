@@ -28,7 +28,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,13 +38,15 @@ import pyarrow.fs as pafs
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from deployments.admission import PixelBudget
 from deployments.cli import IMAGE_SUFFIXES, output_names
 from deployments.compose import RefineLimits
 from deployments.decode import Limits, probe
 from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
+from deployments.memory import reuse_image_memory
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
-from deployments.pipeline import Prepared, finish, prepare, reuse_image_memory
+from deployments.pipeline import Prepared, finish, prepare
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -164,31 +165,6 @@ def _write(fs: pafs.FileSystem, target: str, body: bytes) -> None:
     fs.move(partial, target)
 
 
-class PixelBudget:
-    """Decoded pixels one actor holds at once (the service's ``pixel_budget``).
-
-    A call takes room for its whole batch in one step (at most the whole budget),
-    so that calls never hold part of it while waiting for the rest.
-    """
-
-    def __init__(self, pixels: int) -> None:
-        self.capacity = self.free = pixels
-        self.room = threading.Condition()
-
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        pixels = min(pixels, self.capacity)
-        with self.room:
-            self.room.wait_for(lambda: self.free >= pixels)
-            self.free -= pixels
-        try:
-            yield
-        finally:
-            with self.room:
-                self.free += pixels
-                self.room.notify_all()
-
-
 @dataclass(frozen=True)
 class Job:
     """What every image of a run gets: the cut-out, its format and the limits."""
@@ -267,7 +243,8 @@ class Cutter:
             except Exception as exc:  # one bad file fails alone
                 files.pop(i, None)
                 status[i], message[i] = _failure(exc)
-        with self.budget.hold(int(pixels.sum())):
+        # Room for the whole batch in one step (at most the whole budget).
+        with self.budget.hold_sync(int(pixels.sum())):
             self._cut(batch, files, status, message)
         return {
             "source": batch["source"],

@@ -34,7 +34,8 @@ from conftest import (
     image_bytes,
     load_image,
 )
-from deployments.bulk import FAILURES_NAME, BulkConfig, PixelBudget, iter_failures, run
+from deployments.admission import PixelBudget
+from deployments.bulk import FAILURES_NAME, BulkConfig, iter_failures, run
 from deployments.cli import main, settings_from
 from deployments.decode import Limits
 from deployments.options import CutoutOptions
@@ -188,10 +189,10 @@ def test_pixel_budget_waits_for_room_and_takes_at_most_all_of_it() -> None:
     entered = threading.Event()
 
     def second() -> None:
-        with budget.hold(50):
+        with budget.hold_sync(50):
             entered.set()
 
-    with budget.hold(80):
+    with budget.hold_sync(80):
         thread = threading.Thread(target=second)
         thread.start()
         assert not entered.wait(0.3), "80 + 50 pixels held at once in a budget of 100"
@@ -199,6 +200,6 @@ def test_pixel_budget_waits_for_room_and_takes_at_most_all_of_it() -> None:
     thread.join()
     # A batch larger than the whole budget takes all of it (the limits let one
     # image fit), never waiting for room that cannot come.
-    with budget.hold(10**9):
+    with budget.hold_sync(10**9):
         assert budget.free == 0
     assert budget.free == 100
