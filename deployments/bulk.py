@@ -26,8 +26,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,15 +36,17 @@ import pyarrow.fs as pafs
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from deployments.admission import PixelBudget
 from deployments.bulk_plan import filesystem, plan
 from deployments.bulk_report import Summary, report, write_failures
 from deployments.compose import RefineLimits
 from deployments.decode import Limits, probe
 from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
 from deployments.files import write_atomic
+from deployments.memory import reuse_image_memory
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
-from deployments.pipeline import Prepared, finish, prepare, reuse_image_memory
+from deployments.pipeline import Prepared, finish, prepare
 from deployments.runtime import use_gpu_for
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
@@ -79,31 +79,6 @@ def _read(fs: pafs.FileSystem, path: str, limits: Limits) -> bytes:
             )
         data: bytes = stream.read()
         return data
-
-
-class PixelBudget:
-    """Decoded pixels one actor holds at once (the service's ``pixel_budget``).
-
-    A call takes room for its whole batch in one step (at most the whole budget),
-    so that calls never hold part of it while waiting for the rest.
-    """
-
-    def __init__(self, pixels: int) -> None:
-        self.capacity = self.free = pixels
-        self.room = threading.Condition()
-
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        pixels = min(pixels, self.capacity)
-        with self.room:
-            self.room.wait_for(lambda: self.free >= pixels)
-            self.free -= pixels
-        try:
-            yield
-        finally:
-            with self.room:
-                self.free += pixels
-                self.room.notify_all()
 
 
 @dataclass(frozen=True)
@@ -184,7 +159,8 @@ class Cutter:
             except Exception as exc:  # one bad file fails alone
                 files.pop(i, None)
                 status[i], message[i] = _failure(exc)
-        with self.budget.hold(int(pixels.sum())):
+        # Room for the whole batch in one step (at most the whole budget).
+        with self.budget.hold_sync(int(pixels.sum())):
             self._cut(batch, files, status, message)
         return {
             "source": batch["source"],

@@ -23,11 +23,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeStatus
 
+from deployments.admission import images_in_flight
 from deployments.api import HttpSettings, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
 from deployments.preprocess import unpack_mask
-from deployments.service import Job, Remover, Served, images_in_flight
+from deployments.service import Job, Remover, RemoverConfig, Served
 from deployments.settings import AppSettings, deployment_name
 
 logger = logging.getLogger("ray.serve")
@@ -109,7 +110,10 @@ class Ingress:
         deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
         serving = getattr(deployment, "max_ongoing_requests", None)
         self.remover = Remover(
-            self.settings, predictors, threads, images_in_flight(serving) if serving else None
+            RemoverConfig.of(self.settings),
+            predictors,
+            threads,
+            images_in_flight(serving) if serving else None,
         )
         self.app_name = serve.get_replica_context().app_name
         self._status: tuple[float, ServeStatus] | None = None

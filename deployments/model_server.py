@@ -26,6 +26,7 @@ import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from deployments.admission import ModelFree
 from deployments.errors import InferenceFailed, ServiceError
 from deployments.infer import OnnxModel
 from deployments.metrics import ModelMetrics
@@ -112,11 +113,8 @@ class ModelServer:
         # shapes) on this one thread: runs never overlap on the session, and ONNX
         # Runtime's own intra-op threads are the only parallelism.
         self.runner = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        # Set while no batch runs. Requests that arrive during a batch wait here and
-        # enter @serve.batch together when it ends, so that the next batch forms when
-        # the model is free instead of on the batch timer while it is busy.
-        self.model_free = asyncio.Event()
-        self.model_free.set()
+        # Requests that arrive during a batch wait here and enter @serve.batch together.
+        self.model_free = ModelFree()
 
     @property
     def model(self) -> OnnxModel:
@@ -220,17 +218,15 @@ class ModelServer:
         started = time.monotonic()
         images = [item.image for item in items]
         self.batch_sizes[len(images)] += 1
-        self.model_free.clear()
-        try:
-            results: list[npt.NDArray[np.uint8] | ServiceError] = list(
-                await self._run(self.model.predict, images)
-            )
-        except Exception as exc:
-            logger.warning("model %s: batch of %d failed: %r", self.name, len(images), exc)
-            # Isolate the image that broke the batch: its batchmates still succeed.
-            results = [await self._predict_one(image) for image in images]
-        finally:
-            self.model_free.set()
+        with self.model_free.batch():
+            try:
+                results: list[npt.NDArray[np.uint8] | ServiceError] = list(
+                    await self._run(self.model.predict, images)
+                )
+            except Exception as exc:
+                logger.warning("model %s: batch of %d failed: %r", self.name, len(images), exc)
+                # Isolate the image that broke the batch: its batchmates still succeed.
+                results = [await self._predict_one(image) for image in images]
         self.last_ok = time.monotonic()
         self.metrics.batch(
             self.name,

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from PIL import _imaging as pillow_core
 
 from deployments.compose import RefineLimits, compose, mask_to_size
 from deployments.decode import Limits, decode
@@ -25,32 +24,6 @@ from deployments.preprocess import model_input
 
 if TYPE_CHECKING:  # the ingress runs these stages without ONNX Runtime
     from deployments.infer import OnnxModel
-
-
-# Freed image memory Pillow keeps, in bytes per pixel of the budget: one RGBA
-# image's worth (a pixel in flight holds ~12 bytes: decoded, cut-out, mask, PNG).
-KEPT_BYTES_PER_PIXEL = 4
-
-
-def reuse_image_memory(pixel_budget: int) -> None:
-    """Let Pillow keep freed image blocks for the next image, up to 4 bytes per
-    pixel of ``pixel_budget``.
-
-    Pillow gives each image's memory back to the C library when the image goes,
-    and the next image's fresh pages are faulted in again: at 12 MP that was
-    45,000 page faults and ~17 % of the CPU of decode-to-PNG, at 2 MP ~10 %
-    (measured in process on a 2-core VM). A kept block held an image before, so
-    Pillow's own memory stays within its peak in flight; but the C library cannot
-    give kept blocks to numpy meanwhile, so the cache is bounded to a third of
-    the budget's bytes. ``release_image_memory`` empties it, for an idle replica.
-    """
-    block = int(pillow_core.get_block_size())
-    pillow_core.set_blocks_max(max(1, -(-pixel_budget * KEPT_BYTES_PER_PIXEL // block)))
-
-
-def release_image_memory() -> None:
-    """Give Pillow's kept image blocks back to the C library."""
-    pillow_core.clear_cache()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from conftest import (
     image_bytes,
     load_image,
 )
-from deployments.bulk import BulkConfig, PixelBudget, run
+from deployments.admission import PixelBudget
+from deployments.bulk import BulkConfig, run
 from deployments.bulk_report import FAILURES_NAME, iter_failures
 from deployments.cli import main
 from deployments.decode import Limits
@@ -189,10 +190,10 @@ def test_pixel_budget_waits_for_room_and_takes_at_most_all_of_it() -> None:
     entered = threading.Event()
 
     def second() -> None:
-        with budget.hold(50):
+        with budget.hold_sync(50):
             entered.set()
 
-    with budget.hold(80):
+    with budget.hold_sync(80):
         thread = threading.Thread(target=second)
         thread.start()
         assert not entered.wait(0.3), "80 + 50 pixels held at once in a budget of 100"
@@ -200,6 +201,6 @@ def test_pixel_budget_waits_for_room_and_takes_at_most_all_of_it() -> None:
     thread.join()
     # A batch larger than the whole budget takes all of it (the limits let one
     # image fit), never waiting for room that cannot come.
-    with budget.hold(10**9):
+    with budget.hold_sync(10**9):
         assert budget.free == 0
     assert budget.free == 100

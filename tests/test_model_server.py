@@ -135,10 +135,10 @@ def test_healthy_while_a_batch_runs_and_probes_when_idle(server: Any) -> None:
     server.loaded = type(server.loaded)(Counting(), server.loaded.path, server.loaded.version)  # type: ignore[arg-type]
     try:
         server.last_ok = 0.0
-        server.model_free.clear()  # a batch is running: busy is healthy, no probe
-        asyncio.run(server.check_health())
+        with server.model_free.batch():  # a batch is running: busy is healthy, no probe
+            asyncio.run(server.check_health())
         assert probes == []
-        server.model_free.set()  # idle, and no batch for long: one probe image
+        # idle, and no batch for long: one probe image
         asyncio.run(server.check_health())
         assert probes == [1]
         asyncio.run(server.check_health())  # proven just now: no second probe

@@ -16,10 +16,11 @@ from PIL import Image
 
 from conftest import gradient, image_bytes
 from deployments import service
+from deployments.admission import Admission, PixelBudget, images_in_flight
 from deployments.compose import warm_refine
 from deployments.errors import Overloaded, PayloadTooLarge
 from deployments.options import CutoutOptions
-from deployments.service import Admission, Job, PixelBudget, Remover, images_in_flight
+from deployments.service import Job, Remover, RemoverConfig
 from deployments.settings import AppSettings
 
 
@@ -144,7 +145,7 @@ def test_decoded_images_stay_within_the_pixel_budget() -> None:
                 yield
 
     async def scenario() -> None:
-        remover = Remover(settings, {"u2netp": ZeroMask()}, threads=2)
+        remover = Remover(RemoverConfig.of(settings), {"u2netp": ZeroMask()}, threads=2)
         remover.budget = Watched(settings.pixel_budget)
         try:
             jobs = [remover.remove(Job(data, None, CutoutOptions())) for _ in range(5)]
@@ -163,7 +164,7 @@ def test_webp_over_its_side_limit_is_refused_before_decoding() -> None:
     wide = image_bytes(Image.new("L", (16384, 2)), "PNG")
 
     async def scenario() -> None:
-        remover = Remover(AppSettings(), {"u2netp": model}, threads=1)
+        remover = Remover(RemoverConfig.of(AppSettings()), {"u2netp": model}, threads=1)
         try:
             with pytest.raises(PayloadTooLarge, match="16383"):
                 await remover.remove(Job(wide, None, CutoutOptions(), "webp"))
@@ -184,7 +185,7 @@ def test_refiners_warm_on_their_own_pool_and_say_so(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(service, "warm_refine", recorded)
 
     async def scenario() -> tuple[dict[str, object], dict[str, object]]:
-        remover = Remover(AppSettings(), {"u2netp": ZeroMask()}, threads=1)
+        remover = Remover(RemoverConfig.of(AppSettings()), {"u2netp": ZeroMask()}, threads=1)
         try:
             before = dict(remover.refine_state)
             await remover.warm_refine()

@@ -51,7 +51,7 @@ def test_soak(soak_service: Service) -> None:
     warm = run_load(soak_service.url, images, CONCURRENCY, seconds=WARMUP_S)
     replicas = serve_replicas(soak_service.process.pid)
     # Both readings at rest: an idle ingress gives its freed C heap back within
-    # 2 s (Remover._trim_when_idle); read under load, RSS holds the work in flight.
+    # 2 s (IdleTrimmer); read under load, RSS holds the work in flight.
     time.sleep(IDLE_S)
     before = {pid: rss_bytes(pid) for pid in replicas}
     started = time.monotonic()

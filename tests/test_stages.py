@@ -25,14 +25,10 @@ from deployments.encode import encode
 from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.graph import symbolic_batch
 from deployments.infer import OnnxModel, masks_from_output, plan_chunks
+from deployments.memory import release_image_memory, reuse_image_memory
 from deployments.models import EMBEDDED, MODEL_TABLE, spec_for, store_candidates
 from deployments.options import CutoutOptions
-from deployments.pipeline import (
-    release_image_memory,
-    remove,
-    reuse_image_memory,
-    sample_jpeg,
-)
+from deployments.pipeline import remove, sample_jpeg
 from deployments.preprocess import model_input, normalize_batch, pack_mask, unpack_mask
 from deployments.runtime import RuntimeConfig
 

@@ -47,9 +47,10 @@ from deployments.compose import RefineLimits, compose, mask_to_size
 from deployments.decode import Limits, decode, probe
 from deployments.encode import encode
 from deployments.infer import OnnxModel
+from deployments.memory import reuse_image_memory
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, OutputFormat
-from deployments.pipeline import finish, prepare, reuse_image_memory
+from deployments.pipeline import finish, prepare
 from deployments.preprocess import model_input, normalize_batch
 from deployments.runtime import RuntimeConfig
 from deployments.settings import AppSettings

@@ -58,7 +58,7 @@ from deployments.options import CutoutOptions
 from deployments.pipeline import prepare
 from deployments.preprocess import normalize_batch
 from deployments.runtime import RuntimeConfig
-from deployments.service import Job, Remover
+from deployments.service import Job, Remover, RemoverConfig
 from deployments.settings import AppSettings, LiveModelConfig, deployment_name
 
 MODEL = "u2netp"
@@ -143,7 +143,9 @@ class InProcess:
         )
         await self.server.reconfigure(self.live.model_dump(mode="json"))
         threads = self.settings.ingress_threads or os.cpu_count() or 2
-        self.remover = Remover(self.settings, {MODEL: self.server.predict}, threads)
+        self.remover = Remover(
+            RemoverConfig.of(self.settings), {MODEL: self.server.predict}, threads
+        )
         await self.remover.warm_up()
         return self
 
