@@ -23,7 +23,7 @@ import ray
 from ray import serve
 from test_scaling import GpuProbe, model_actor_options, replica_reports, wait_for
 
-from conftest import free_port
+from conftest import FIXTURES, free_port
 from deployments.bench.cluster import (
     IDLE_TIMEOUT_S,
     connect,
@@ -81,7 +81,7 @@ def test_a_new_node_comes_for_the_model_and_serves_it(tmp_path: Path) -> None:
     """The cold path of a cluster that scales from no workers: a CPU-less head,
     the real app deployed, a node launched for the model replica, the first
     cut-out answered. Timed from the deployment to that first 200."""
-    image = (Path(__file__).parent / "fixtures" / "car-1.jpg").read_bytes()
+    image = (FIXTURES / "car-1.jpg").read_bytes()
     result = new_node(image, tmp_path / "head.log")
     assert result["workers_before"] == 0 and result["workers_after"] == 1, result
     assert result["status"] == 200, result
