@@ -1,4 +1,5 @@
-"""Metrics: what Ray exports after real requests, and the Grafana dashboard's queries.
+"""Metrics: what Ray exports after real requests (the dashboard's queries and the error
+handlers without a service: tests/unit/test_dashboard.py, test_error_handlers.py).
 
 The live test runs `serve run` on serve_config.yaml (JSON logs, a free port) in
 its own Ray temp dir, finds the node's metrics endpoint the way Prometheus does

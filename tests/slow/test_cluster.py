@@ -5,8 +5,8 @@ Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``) plays the cloud: its
 none, as on KubeRay (config/rayservice.yaml) and the cluster launcher
 (config/cluster.yaml). No CUDA runs here, so the replicas are a probe with the
 model replica's resource options from ``build_app`` (ModelServer itself would
-refuse a GPU it cannot use; see tests/test_scaling.py). On CPU nodes the real
-app runs: a node launched for the model replica serves the first cut-out.
+refuse a GPU it cannot use; see tests/unit/test_gpu_path.py). On CPU nodes the
+real app runs: a node launched for the model replica serves the first cut-out.
 
 The head runs under its own short temp dir and in its own process group, and
 teardown kills that group only: never `ray stop`, which would stop every Ray on

@@ -1,9 +1,11 @@
-"""Faults: replicas killed under load, broken model files, device out of memory.
+"""Faults: replicas killed under load, a broken model file failing its deployment.
 
 The kill tests run Serve in this process on its own local Ray, so that replica
 actors can be found and killed with ``ray.kill``; the service must recover by
 itself, fail no more requests than were in flight at the kill, and lose none
-for a client that retries on 503 and on connection errors.
+for a client that retries on 503 and on connection errors. Broken model files
+without Serve: tests/unit/test_model_files.py; device out of memory:
+tests/service/test_out_of_memory.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`rembg-serve`: the output plan, and each subcommand against the running service."""
+"""`rembg-serve` without a service: the output plan, `fetch`, the console script, `remove`
+with nothing to talk to (tests/service/test_cli_service.py has it against a service)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The Python client against the running service; its retry policy on httpx's MockTransport."""
+"""The Python client without a service: its options and its retry policy on httpx's
+MockTransport (tests/service/test_client_service.py has it against a service)."""
 
 from __future__ import annotations
 

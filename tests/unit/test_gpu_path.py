@@ -1,11 +1,11 @@
 """The GPU path, tested without a GPU: provider options, the arena limit,
-bucketing, OOM detection, the two model rewrites and the GPU benchmark's CPU run.
+bucketing, OOM detection, the two model rewrites, the device choice. The parts
+that run the embedded model: tests/service/test_gpu_path_on_cpu.py and (slow)
+tests/slow/test_gpu_variants.py.
 
 No GPU runs here. Nothing is faked: what needs a card (CUDA kernels, timings,
 memory) is not tested; the real ONNX Runtime (the GPU build, which falls back to
-the CPU here) runs everything else. The fp16 parity test runs fp16 on the CPU
-provider, whose kernels are not the GPU's: it bounds the conversion's error,
-not a GPU's.
+the CPU here) runs everything else.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Pure pipeline stages, no Ray: decode, preprocess, infer, compose, encode."""
+"""Pure pipeline stages, no Ray and no real model: decode, preprocess, infer (on tiny
+models), compose, encode. The embedded model: tests/service/test_embedded_model.py."""
 
 from __future__ import annotations
 
