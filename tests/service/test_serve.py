@@ -95,5 +95,10 @@ def _with_user_config(**user_config: Any) -> Any:
     return Ingress.bind(settings.model_dump(mode="json"), {"u2netp": model})
 
 
-def test_health_check_passes_on_a_working_session(app: Any) -> None:
-    assert model_handle().check_health.remote().result() is None
+def test_serve_counts_the_replica_healthy_by_its_health_check(app: Any) -> None:
+    """The check Serve runs passes on a working session, and Serve's controller, which
+    runs it every few seconds, counts the one replica healthy and running. (A broken
+    session failing the check: tests/service/test_model_server.py.)"""
+    model_handle().check_health.remote().result()  # raises if the check fails
+    status = serve.status().applications["rembg"].deployments["Model_u2netp"]
+    assert (status.status, status.replica_states) == ("HEALTHY", {"RUNNING": 1}), status
