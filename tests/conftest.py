@@ -117,18 +117,6 @@ def gradient(width: int = 64, height: int = 48, mode: str = "RGB") -> Image.Imag
     return Image.fromarray(rgb, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(rgb)
 
 
-def photo_tree(root: Path) -> Path:
-    """photos/{a.jpg, a.png, b.png, notes.txt, sub/c.webp}"""
-    photos = root / "photos"
-    (photos / "sub").mkdir(parents=True)
-    gradient().save(photos / "a.jpg")
-    gradient().save(photos / "a.png")
-    gradient().save(photos / "b.png")
-    (photos / "notes.txt").write_text("not an image")
-    gradient().save(photos / "sub" / "c.webp")
-    return photos
-
-
 @pytest.fixture(scope="session")
 def reference_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """rembg.remove(data, session=new_session("u2netp")) on every shared image."""

@@ -10,14 +10,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, Service, free_port, gradient, image_bytes, load_image, photo_tree
+from conftest import FIXTURES, Service, free_port, gradient, image_bytes, load_image
 from deployments.cli import main
+
+
+def _tree(root: Path) -> Path:
+    """photos/{a.jpg, a.png, b.png, notes.txt, sub/c.webp}, as in tests/unit/test_cli.py."""
+    photos = root / "photos"
+    (photos / "sub").mkdir(parents=True)
+    gradient().save(photos / "a.jpg")
+    gradient().save(photos / "a.png")
+    gradient().save(photos / "b.png")
+    (photos / "notes.txt").write_text("not an image")
+    gradient().save(photos / "sub" / "c.webp")
+    return photos
 
 
 def test_remove_a_folder_resumes_and_reports_failures(
     service: Service, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    photos = photo_tree(tmp_path)
+    photos = _tree(tmp_path)
     (photos / "broken.png").write_bytes(b"\x89PNG but not really")
     out = tmp_path / "out"
     args = ["remove", str(photos), "-o", str(out), "--url", service.url, "-c", "3", "-q"]

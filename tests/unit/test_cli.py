@@ -9,14 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, free_port, gradient, photo_tree
+from conftest import FIXTURES, free_port, gradient
 from deployments.cli import Job, main, plan
 
 SCRIPT = Path(sys.executable).parent / "rembg-serve"
 
 
+def _tree(root: Path) -> Path:
+    """photos/{a.jpg, a.png, b.png, notes.txt, sub/c.webp}"""
+    photos = root / "photos"
+    (photos / "sub").mkdir(parents=True)
+    gradient().save(photos / "a.jpg")
+    gradient().save(photos / "a.png")
+    gradient().save(photos / "b.png")
+    (photos / "notes.txt").write_text("not an image")
+    gradient().save(photos / "sub" / "c.webp")
+    return photos
+
+
 def test_plan_walks_folders_keeps_layout_and_avoids_clashes(tmp_path: Path) -> None:
-    photos = photo_tree(tmp_path)
+    photos = _tree(tmp_path)
     single = FIXTURES / "car-1.jpg"
     jobs = plan([photos, single], tmp_path / "out", ".png")
     out = tmp_path / "out"
