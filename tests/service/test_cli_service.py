@@ -15,14 +15,13 @@ from deployments.cli import main
 
 
 def _tree(root: Path) -> Path:
-    """photos/{a.jpg, a.png, b.png, notes.txt, sub/c.webp}, as in tests/unit/test_cli.py."""
+    """The folder tests/unit/test_cli.py plans: photos/{a.jpg, a.png, b.png, sub/c.webp}
+    and a text file."""
     photos = root / "photos"
     (photos / "sub").mkdir(parents=True)
-    gradient().save(photos / "a.jpg")
-    gradient().save(photos / "a.png")
-    gradient().save(photos / "b.png")
+    for name in ("a.jpg", "a.png", "b.png", "sub/c.webp"):
+        gradient().save(photos / name)
     (photos / "notes.txt").write_text("not an image")
-    gradient().save(photos / "sub" / "c.webp")
     return photos
 
 
