@@ -6,7 +6,7 @@
 serve_config.yaml stays the one source of the operational knobs; a GPU cluster
 changes only what ``GPU_ARGS``, ``GPU_INGRESS`` and ``GPU_MODEL`` say (the last
 for every model's deployment), for the reasons given in config/rayservice.yaml.
-tests/test_manifests.py fails when the files and this output differ.
+tests/unit/test_manifests.py fails when the files and this output differ.
 """
 
 from __future__ import annotations

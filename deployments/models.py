@@ -108,7 +108,7 @@ def store_candidates(name: str) -> list[Path]:
     rembg 2.0.86's layout (``BaseSession.model_dir`` and ``legacy_home``), written
     out: importing rembg would import ``rembg.bg`` and compile pymatting's numba
     code, tens of seconds on a fresh machine, on the way to every replica's ready.
-    tests/test_stages.py checks it against rembg's own classes.
+    tests/unit/test_stages.py checks it against rembg's own classes.
     """
     env = os.environ.get
     xdg = env("XDG_DATA_HOME")

@@ -8,6 +8,7 @@ only change is a free port (deployments.bench.harness, shared with the benchmark
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,10 +44,55 @@ Service = Running
 __all__ = ["FIXTURES", "ROOT", "SHARED_IMAGES", "Service", "free_port", "serve_config"]
 
 
+# Tiers by folder (the markers say the same, and CI selects by them): tests/unit runs
+# no Ray, no Serve, no service and no session of a real model; tests/service the rest
+# of the fast suite; tests/slow only `slow` and `bench` tests. Collection fails when
+# a test's folder and its marks or fixtures disagree.
+TIERS = ("unit", "service", "slow")
+NOT_UNIT_FIXTURES = SERVICE_FIXTURES | {"u2netp", "reference_outputs"}
+NOT_UNIT_MARKS = {"serve", "e2e", "slow", "bench"}
+SLOW_MARKS = {"slow", "bench"}
+
+
+def tier(item: pytest.Item) -> str | None:
+    """The tier folder ``item`` lives in (tests/<tier>/...), or None."""
+    parts = Path(item.path).resolve().relative_to(ROOT).parts
+    return parts[1] if len(parts) > 2 and parts[0] == "tests" and parts[1] in TIERS else None
+
+
+def tier_errors(item: pytest.Item) -> list[str]:
+    marks = {mark.name for mark in item.iter_markers()}
+    fixtures = set(getattr(item, "fixturenames", ()))
+    where = tier(item)
+    if where is None:
+        return [f"not in a tier folder (tests/{{{','.join(TIERS)}}}/)"]
+    if where == "unit":
+        return [f"uses fixture {f!r}" for f in sorted(fixtures & NOT_UNIT_FIXTURES)] + [
+            f"marked {m!r}" for m in sorted(marks & NOT_UNIT_MARKS)
+        ]
+    if where == "service" and marks & SLOW_MARKS:
+        return [f"marked {m!r}: it belongs in tests/slow" for m in sorted(marks & SLOW_MARKS)]
+    if where == "slow" and not marks & SLOW_MARKS:
+        return ["in tests/slow without a 'slow' or 'bench' mark"]
+    return []
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+    errors = [f"{item.nodeid}: {e}" for item in items for e in tier_errors(item)]
+    if errors:
+        raise pytest.UsageError("tests in the wrong tier folder:\n  " + "\n  ".join(errors))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request: pytest.FixtureRequest) -> Iterator[None]:
+    """What collection cannot see: a unit test that starts Ray fails."""
+    yield
+    ray = sys.modules.get("ray")
+    if tier(request.node) == "unit" and ray is not None and ray.is_initialized():
+        pytest.fail("this test started Ray: it belongs in tests/service or tests/slow")
 
 
 def image_bytes(img: Image.Image, fmt: str = "PNG", **params: object) -> bytes:

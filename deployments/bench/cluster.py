@@ -6,7 +6,7 @@ head runs under its own short temp dir and in its own process group, and
 ``stop`` kills that group and the nodes it started only: never `ray stop`,
 which would stop every Ray on the machine. ``new_node`` times the cold path of
 such a cluster: a CPU-less head, the real app deployed, a node launched for the
-model replica, the first cut-out answered (``tests/test_cluster.py`` and
+model replica, the first cut-out answered (``tests/slow/test_cluster.py`` and
 ``python -m deployments.bench cold``).
 """
 

@@ -1,11 +1,10 @@
-"""Pure pipeline stages, no Ray: decode, preprocess, infer, compose, encode."""
+"""Pure pipeline stages, no Ray and no real model: decode, preprocess, infer (on tiny
+models), compose, encode. The embedded model: tests/service/test_embedded_model.py."""
 
 from __future__ import annotations
 
 import io
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 from PIL import _imaging as pillow_core
 from rembg.bg import naive_cutout as rembg_naive_cutout
 
-from conftest import SHARED_IMAGES, assert_parity, gradient, image_bytes
+from conftest import gradient, image_bytes
 from deployments import encode as encode_module
 from deployments.compose import compose, naive_cutout
 from deployments.decode import Limits, decode
@@ -28,7 +27,7 @@ from deployments.infer import OnnxModel, masks_from_output, plan_chunks
 from deployments.memory import release_image_memory, reuse_image_memory
 from deployments.models import EMBEDDED, MODEL_TABLE, spec_for, store_candidates
 from deployments.options import CutoutOptions
-from deployments.pipeline import remove, sample_jpeg
+from deployments.pipeline import sample_jpeg
 from deployments.preprocess import model_input, normalize_batch, pack_mask, unpack_mask
 from deployments.runtime import RuntimeConfig
 
@@ -138,20 +137,6 @@ def test_plan_chunks(n: int, pad: bool, want: list[tuple[int, int]]) -> None:
     assert plan_chunks(n, [1, 2, 4, 8], pad) == want
 
 
-def test_batch_of_n_equals_n_single_runs(u2netp: OnnxModel) -> None:
-    images = [model_input(gradient(90 + 10 * i, 60), (320, 320)) for i in range(3)]
-    together = u2netp.predict(images)
-    for image, mask in zip(images, together, strict=True):
-        assert np.array_equal(u2netp.predict([image])[0], mask)
-
-
-def test_model_is_batched_and_warm(u2netp: OnnxModel) -> None:
-    assert u2netp.batchable
-    # Each shape ran once: 2 and 1 in the batch check, then 4.
-    assert u2netp.report.shapes == [2, 1, 4]
-    assert u2netp.provider == "CPUExecutionProvider"
-
-
 def channel_model(tmp_path: Path, mixes_the_batch: bool) -> Path:
     """A stand-in of u2netp's shape whose output is its input, less the batch's
     mean when ``mixes_the_batch`` (as an export that normalises over the batch)."""
@@ -238,32 +223,6 @@ def test_symbolic_batch_edits_the_bytes_as_onnx_would(which: str) -> None:
 def test_symbolic_batch_refuses_what_is_not_a_model() -> None:
     with pytest.raises((ValueError, IndexError)):
         symbolic_batch(b"\x3a\xff\xff\xff\x0f" + b"short")
-
-
-def test_the_default_model_loads_without_the_onnx_package() -> None:
-    # `import onnx` costs a replica 0.6-0.9 s: the default path does without it.
-    code = (
-        "import sys\n"
-        "from deployments.infer import OnnxModel\n"
-        "from deployments.models import EMBEDDED, spec_for\n"
-        "from deployments.runtime import RuntimeConfig\n"
-        "model = OnnxModel(EMBEDDED['u2netp'], spec_for('u2netp'), RuntimeConfig(), 2)\n"
-        "assert model.batchable and model.report.shapes == [2, 1], model.report\n"
-        "assert 'onnx' not in sys.modules\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
-@pytest.mark.parametrize("path", SHARED_IMAGES, ids=lambda p: p.name)
-def test_in_process_pipeline_matches_rembg(
-    path: object, u2netp: OnnxModel, reference_outputs: dict[str, bytes]
-) -> None:
-    from pathlib import Path
-
-    assert isinstance(path, Path)
-    result = remove(path.read_bytes(), u2netp)
-    assert_parity(path.name, result.body, reference_outputs[path.name])
 
 
 def test_compose_options() -> None:

@@ -147,6 +147,25 @@ def test_healthy_while_a_batch_runs_and_probes_when_idle(server: Any) -> None:
         server.loaded = type(server.loaded)(real, server.loaded.path, server.loaded.version)
 
 
+def test_an_idle_replica_whose_session_fails_is_unhealthy(server: Any) -> None:
+    real = server.loaded.model
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def predict(self, images: list[npt.NDArray[np.uint8]]) -> Any:
+            raise RuntimeError("the session can no longer run")
+
+    server.loaded = type(server.loaded)(Broken(), server.loaded.path, server.loaded.version)  # type: ignore[arg-type]
+    try:
+        server.last_ok = 0.0  # idle, and no batch for long: the probe runs and fails
+        with pytest.raises(RuntimeError, match="no longer run"):
+            asyncio.run(server.check_health())
+    finally:
+        server.loaded = type(server.loaded)(real, server.loaded.path, server.loaded.version)
+
+
 def test_the_warm_up_is_the_first_health_checks_proof() -> None:
     # Serve checks a new replica's health right after its first reconfigure: the
     # warm-up has just run the session, so that check runs no image of its own.

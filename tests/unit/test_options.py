@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from deployments.cli import options_from, parser
 from deployments.options import (
     CutoutOptions,
@@ -17,7 +17,7 @@ from deployments.options import (
     parse,
 )
 
-STATIC = Path(__file__).resolve().parent.parent / "deployments" / "static"
+STATIC = ROOT / "deployments" / "static"
 
 
 def test_rembg_form_fields_map_to_options() -> None:

@@ -15,7 +15,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,11 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from conftest import Service, gradient, image_bytes
+from conftest import FIXTURES, Service, gradient, image_bytes
 
 pytestmark = pytest.mark.e2e
 
-CAR = Path(__file__).parent / "fixtures" / "car-1.jpg"
+CAR = FIXTURES / "car-1.jpg"
 MAX_UPLOAD = 25 * 1024 * 1024
 GOOD = image_bytes(gradient(64, 48), "PNG")
 

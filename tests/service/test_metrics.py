@@ -1,4 +1,5 @@
-"""Metrics: what Ray exports after real requests, and the Grafana dashboard's queries.
+"""Metrics: what Ray exports after real requests (the dashboard's queries and the error
+handlers without a service: tests/unit/test_dashboard.py, test_error_handlers.py).
 
 The live test runs `serve run` on serve_config.yaml (JSON logs, a free port) in
 its own Ray temp dir, finds the node's metrics endpoint the way Prometheus does
@@ -7,58 +8,24 @@ its own Ray temp dir, finds the node's metrics endpoint the way Prometheus does
 
 from __future__ import annotations
 
-import ast
-import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, Service, free_port, gradient, image_bytes
-from deployments.api import HttpSettings, build_api
+from conftest import Service, free_port, gradient, image_bytes
 from deployments.bench.harness import serve_config, start_service, stop_process, write_config
-from deployments.errors import ServiceError
-from deployments.service import Job, Served
-
-DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
-METRICS_MODULE = ROOT / "deployments" / "metrics.py"
-
-# Serve's built-in metrics the dashboard may use: Ray 2.60's "Serve metrics"
-# documentation, each also seen on a live scrape of this service.
-SERVE_METRICS = {
-    "ray_serve_num_http_requests_total",
-    "ray_serve_num_http_error_requests_total",
-    "ray_serve_http_request_latency_ms",
-    "ray_serve_deployment_processing_latency_ms",
-    "ray_serve_deployment_request_counter_total",
-    "ray_serve_deployment_error_counter_total",
-    "ray_serve_deployment_replica_healthy",
-    "ray_serve_deployment_replica_starts_total",
-    "ray_serve_replica_processing_queries",
-    "ray_serve_deployment_queued_queries",
-    "ray_serve_num_ongoing_http_requests",
-    "ray_serve_autoscaling_target_replicas",
-    "ray_serve_autoscaling_desired_replicas",
-    "ray_serve_num_router_requests_total",
-    "ray_serve_batch_wait_time_ms",
-    "ray_serve_batch_execution_time_ms",
-    "ray_serve_actual_batch_size",
-    "ray_serve_batch_queue_length",
-}
-HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 @dataclass
@@ -124,84 +91,6 @@ def observed(request: pytest.FixtureRequest) -> Iterator[Observed]:
     later = items[max(mine) + 1 :] if mine else []
     if not any("observed" in item.fixturenames for item in later):
         _SHARED.pop()[1].close()
-
-
-def our_metrics() -> dict[str, str]:
-    """Name -> kind of every metric deployments/metrics.py creates, read from its source."""
-    found = {}
-    for node in ast.walk(ast.parse(METRICS_MODULE.read_text())):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in ("Counter", "Histogram", "Gauge")
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-        ):
-            found[str(node.args[0].value)] = node.func.id
-    return found
-
-
-def exported_names() -> set[str]:
-    """Every series name Prometheus can hold for our metrics and the Serve ones."""
-    names = set()
-    for name, kind in our_metrics().items():
-        base = "ray_" + name
-        names |= {base + s for s in HISTOGRAM_SUFFIXES} if kind == "Histogram" else {base}
-    for name in SERVE_METRICS:
-        names |= (
-            {name} if name.endswith("_total") else {name, *(name + s for s in HISTOGRAM_SUFFIXES)}
-        )
-    return names
-
-
-def _panels() -> list[dict[str, object]]:
-    panels: list[dict[str, object]] = json.loads(DASHBOARD.read_text())["panels"]
-    return panels
-
-
-def test_dashboard_queries_name_only_known_metrics() -> None:
-    known = exported_names()
-    used = set()
-    for panel in _panels():
-        targets = panel["targets"]
-        assert isinstance(targets, list) and targets, f"panel {panel['title']} has no query"
-        for target in targets:
-            names = set(re.findall(r"\bray_[a-z0-9_]+", target["expr"]))
-            assert names, f"{panel['title']}: {target['expr']} names no metric"
-            unknown = names - known
-            assert not unknown, f"{panel['title']}: unknown metric(s) {sorted(unknown)}"
-            used |= names
-    # Every metric we define is on the dashboard, and Serve's latency and replicas too.
-    for name in our_metrics():
-        assert any(u.startswith("ray_" + name) for u in used), f"{name} is on no panel"
-    for needed in (
-        "ray_serve_http_request_latency_ms_bucket",
-        "ray_serve_deployment_replica_healthy",
-        "ray_serve_num_http_requests_total",
-    ):
-        assert needed in used
-
-
-def test_dashboard_is_importable_grafana_json() -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
-    assert dashboard["uid"] and dashboard["title"]
-    ids = [p["id"] for p in _panels()]
-    assert len(ids) == len(set(ids))
-    titles = " ".join(str(p["title"]).lower() for p in _panels())
-    for topic in (
-        "requests per second",
-        "error",
-        "latency",
-        "batch size",
-        "queue wait",
-        "inference",
-        "pre / post",
-        "bytes",
-        "replicas",
-    ):
-        assert topic in titles, topic
-    # The Prometheus data source is a variable, so the import asks for it.
-    assert dashboard["templating"]["list"][0]["type"] == "datasource"
 
 
 def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -273,55 +162,3 @@ def test_metrics_are_exported(observed: Observed) -> None:
     assert all(labels.get("application") == "rembg" for _, labels, _ in ours)
     assert {labels.get("deployment") for _, labels, _ in ours} == {"Ingress", "Model_u2netp"}
     assert os.path.isdir(observed.session_dir / "logs" / "serve")
-
-
-class BrokenService:
-    """FAKE service behind the real HTTP layer: its ``remove`` fails with an error
-    no stage raises (a bug), the one way to make the real app answer an unexpected
-    500 on demand. It records what the app counts."""
-
-    def __init__(self) -> None:
-        self.counted_errors: list[ServiceError] = []
-
-    @contextlib.asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        yield
-
-    async def remove(self, job: Job) -> Served:
-        raise RuntimeError(f"a bug, with a path: {ROOT}")
-
-    async def health(self) -> dict[str, bool]:
-        return {"u2netp": True}
-
-    async def models(self) -> dict[str, Any]:
-        return {}
-
-    def counted(self, error: ServiceError) -> None:
-        self.counted_errors.append(error)
-
-
-def test_errors_outside_the_image_path_are_counted_in_the_handlers() -> None:
-    """401 (no key), 413 (body over the limit) and an unexpected 500 are answered
-    as JSON, without a traceback or a path, and each reaches the error metric."""
-    service = BrokenService()
-    api = build_api(service, HttpSettings(max_upload_bytes=1000, api_key="secret"))
-    key = {"X-API-Key": "secret"}
-
-    async def send() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://rembg") as client:
-            return [
-                await client.post("/remove", content=b"x"),
-                await client.post("/remove", content=b"x" * 1001, headers=key),
-                await client.post("/remove", content=image_bytes(gradient()), headers=key),
-            ]
-
-    answers = asyncio.run(send())
-    assert [a.status_code for a in answers] == [401, 413, 500]
-    assert [a.json()["error"]["code"] for a in answers] == [
-        "unauthorized",
-        "payload_too_large",
-        "internal_error",
-    ]
-    assert all("Traceback" not in a.text and str(ROOT) not in a.text for a in answers)
-    assert [e.status for e in service.counted_errors] == [401, 413, 500]

@@ -20,6 +20,26 @@ def positive(value: Any) -> bool:
     return isinstance(value, int | float) and value > 0
 
 
+def assert_verdicts(targets: list[dict[str, Any]]) -> None:
+    """Each target's verdict is the one its reported figure and goal give."""
+    for t in targets:
+        value, goal = t["value"], t["goal"]
+        if value is None:
+            want = "SKIP"
+        elif goal == "-":
+            want = "INFO"
+        elif goal == "true":
+            want = "PASS" if value is True else "FAIL"
+        else:
+            op, bound = goal.split()
+            want = (
+                "PASS"
+                if (value >= float(bound) if op == ">=" else value <= float(bound))
+                else "FAIL"
+            )
+        assert t["result"] == want, t
+
+
 @pytest.mark.bench
 def test_quick_throughput_section_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -29,7 +49,9 @@ def test_quick_throughput_section_reports_every_figure(tmp_path: Path) -> None:
     limit = results["model_limit"]
     assert set(limit["images_per_s_by_batch"]) == {"1", "2", "4", "8"}
     assert all(positive(v) for v in limit["images_per_s_by_batch"].values())
-    assert limit["best_batch"] in (1, 2, 4, 8) and positive(limit["images_per_s"])
+    # The model limit is the best batch size's figure.
+    best = max(limit["images_per_s_by_batch"].values())
+    assert limit["images_per_s"] == best == limit["images_per_s_by_batch"][str(limit["best_batch"])]
 
     pipe = results["pipeline"]
     assert set(pipe["latency_ms_by_image"]) == {p.name for p in FIXTURES.glob("*-1.jpg")}
@@ -65,7 +87,7 @@ def test_quick_throughput_section_reports_every_figure(tmp_path: Path) -> None:
     targets = json.loads(out.read_text())["targets"]
     names = {t["name"] for t in targets}
     assert "served c16 / model limit" in names and "parity with rembg (pixel-identical)" in names
-    assert all(t["result"] in ("PASS", "FAIL", "SKIP", "INFO") for t in targets)
+    assert_verdicts(targets)
 
 
 @pytest.mark.bench
@@ -123,7 +145,7 @@ def test_bulk_section_reports_each_path(tmp_path: Path) -> None:
 
     targets = {t["name"]: t for t in json.loads(out.read_text())["targets"]}
     assert targets["bulk = HTTP output (pixel-identical)"]["result"] == "PASS"
-    assert all(t["result"] in ("PASS", "FAIL", "SKIP", "INFO") for t in targets.values())
+    assert_verdicts(list(targets.values()))
 
 
 @pytest.mark.bench
@@ -155,5 +177,9 @@ def test_quick_stages_section_reports_each_stage(tmp_path: Path) -> None:
         assert all(positive(cpu[k]) for k in ("proxy", "ingress", "model")), r
         assert cpu["ingress"] >= 0.8 * r["ingress_stages_ms_per_image"], r
         assert positive(r["outside_model_x_pillow_decode"]), r
-    targets = {t["name"]: t for t in json.loads(out.read_text())["targets"]}
-    assert targets["served JPEG->PNG CPU/MP outside model / decode"]["result"] in ("PASS", "FAIL")
+    # Judged on the worst of the photo-sized uploads (the tiny one is Serve's fixed cost).
+    targets = json.loads(out.read_text())["targets"]
+    judged = {t["name"]: t for t in targets}["served JPEG->PNG CPU/MP outside model / decode"]
+    photos = [r["outside_model_x_pillow_decode"] for r in served if r["megapixels"] >= 1]
+    assert judged["value"] == pytest.approx(max(photos), abs=1e-3), (judged, served)
+    assert_verdicts(targets)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,13 +12,10 @@ from ray import serve
 
 from conftest import FIXTURES, free_port
 from deployments.decode import Limits
-from deployments.errors import ModelUnavailable
 from deployments.infer import OnnxModel
 from deployments.ingress import node_cpus
-from deployments.models import resolve_model_file
 from deployments.pipeline import prepare
 from deployments.preprocess import unpack_mask
-from deployments.runtime import use_gpu_for
 from deployments.serve_app import build_app
 from deployments.settings import AppSettings
 
@@ -99,21 +95,10 @@ def _with_user_config(**user_config: Any) -> Any:
     return Ingress.bind(settings.model_dump(mode="json"), {"u2netp": model})
 
 
-def test_health_check_passes_on_a_working_session(app: Any) -> None:
-    assert model_handle().check_health.remote().result() is None
-
-
-def test_missing_model_names_model_and_paths(tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setenv("REMBG_HOME", str(tmp_path))
-    with pytest.raises(ModelUnavailable, match=r"'u2net' not found; tried: .*u2net\.onnx"):
-        resolve_model_file("u2net")
-    with pytest.raises(ModelUnavailable, match=r"no-such\.onnx"):
-        resolve_model_file("u2net", tmp_path / "no-such.onnx")
-
-
-@pytest.mark.parametrize(
-    ("device", "gpus", "want"),
-    [("auto", 0, False), ("auto", 1, True), ("cpu", 4, False), ("gpu", 0, True)],
-)
-def test_device_choice(device: str, gpus: float, want: bool) -> None:
-    assert use_gpu_for(device, gpus) is want
+def test_serve_counts_the_replica_healthy_by_its_health_check(app: Any) -> None:
+    """The check Serve runs passes on a working session, and Serve's controller, which
+    runs it every few seconds, counts the one replica healthy and running. (A broken
+    session failing the check: tests/service/test_model_server.py.)"""
+    model_handle().check_health.remote().result()  # raises if the check fails
+    status = serve.status().applications["rembg"].deployments["Model_u2netp"]
+    assert (status.status, status.replica_states) == ("HEALTHY", {"RUNNING": 1}), status

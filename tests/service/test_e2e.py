@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_IMAGES, Service, assert_parity, gradient, image_bytes
+from conftest import FIXTURES, SHARED_IMAGES, Service, assert_parity, gradient, image_bytes
 from deployments.bench.harness import rss_peaks, serve_replicas
 
 pytestmark = pytest.mark.e2e
 
-CAR = Path(__file__).parent / "fixtures" / "car-1.jpg"
+CAR = FIXTURES / "car-1.jpg"
 
 
 def assert_json_error(response: httpx.Response, status: int, code: str) -> dict[str, str]:

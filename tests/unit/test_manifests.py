@@ -25,9 +25,9 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from conftest import ROOT
 from deployments.settings import AppSettings, LiveModelConfig
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
 
 

@@ -1,36 +1,28 @@
-"""Faults: replicas killed under load, broken model files, device out of memory.
+"""Faults: replicas killed under load, a broken model file failing its deployment.
 
 The kill tests run Serve in this process on its own local Ray, so that replica
 actors can be found and killed with ``ray.kill``; the service must recover by
 itself, fail no more requests than were in flight at the kill, and lose none
-for a client that retries on 503 and on connection errors.
+for a client that retries on 503 and on connection errors. Broken model files
+without Serve: tests/unit/test_model_files.py; device out of memory:
+tests/service/test_out_of_memory.py.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import numpy.typing as npt
 import pytest
 import ray
 from ray import serve
 
 from conftest import SHARED_IMAGES, free_port
 from deployments.bench.harness import Load
-from deployments.decode import Limits, decode
-from deployments.errors import InferenceFailed, ModelUnavailable
-from deployments.infer import OnnxModel
 from deployments.model_server import ModelServer
-from deployments.models import resolve_model_file, spec_for
-from deployments.preprocess import model_input
-from deployments.runtime import RuntimeConfig
 from deployments.serve_app import build_app
 
 BODIES = [p.read_bytes() for p in SHARED_IMAGES]
@@ -116,33 +108,6 @@ def test_replica_killed_under_load_recovers(in_process_service: str, deployment:
 # -- Broken model files: clear errors at start ------------------------------------
 
 
-def test_missing_model_file_names_the_path(tmp_path: Path) -> None:
-    missing = tmp_path / "nope.onnx"
-    with pytest.raises(ModelUnavailable, match=r"not found; tried: .*nope\.onnx"):
-        resolve_model_file("u2netp", missing)
-
-
-def test_corrupt_store_file_fails_its_checksum(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A truncated download in rembg's store is refused, not loaded."""
-    monkeypatch.delenv("U2NET_HOME", raising=False)
-    monkeypatch.setenv("REMBG_HOME", str(tmp_path))
-    store = tmp_path / "models" / "u2net"
-    store.mkdir(parents=True)
-    (store / "u2net.onnx").write_bytes(b"\x08\x07" + b"\0" * 1000)
-    with pytest.raises(ModelUnavailable, match=r"md5 .* expected .* corrupt or not this model"):
-        resolve_model_file("u2net")
-
-
-def test_garbage_model_given_by_path_fails_to_load(tmp_path: Path) -> None:
-    garbage = tmp_path / "u2netp.onnx"
-    garbage.write_bytes(b"this is not an onnx model" * 100)
-    path = resolve_model_file("u2netp", garbage)  # explicit paths skip the checksum
-    with pytest.raises(ModelUnavailable, match=r"could not be loaded from .*u2netp\.onnx"):
-        OnnxModel(path, spec_for("u2netp"), RuntimeConfig())
-
-
 @pytest.mark.slow
 @pytest.mark.serve
 def test_garbage_model_fails_the_deployment_with_its_message(
@@ -169,79 +134,3 @@ def test_garbage_model_fails_the_deployment_with_its_message(
 
 
 # -- Device out of memory ---------------------------------------------------------
-
-
-class OutOfMemoryOverTwo:
-    """FAKE: no GPU runs here, so CUDA's out-of-memory error is simulated.
-
-    Wraps the real ONNX Runtime session: batches of more than ``limit`` images
-    raise the error ORT's CUDA provider raises when the arena cannot grow;
-    smaller batches run on the real session (CPU).
-    """
-
-    def __init__(self, session: Any, limit: int = 2) -> None:
-        self.session = session
-        self.limit = limit
-        self.batch_sizes: list[int] = []
-
-    def run(self, output_names: Any, feeds: dict[str, npt.NDArray[np.float32]]) -> Any:
-        (batch,) = feeds.values()
-        self.batch_sizes.append(len(batch))
-        if len(batch) > self.limit:
-            raise RuntimeError(
-                "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
-                "while running Conv node. CUDA failure 2: out of memory"
-            )
-        return self.session.run(output_names, feeds)
-
-
-def _inputs(n: int) -> list[npt.NDArray[np.uint8]]:
-    images = [model_input(decode(b, Limits()), (320, 320)) for b in BODIES]
-    return [images[i % len(images)] for i in range(n)]
-
-
-def test_out_of_memory_batch_retries_at_half_size(u2netp: OnnxModel) -> None:
-    images = _inputs(4)
-    want = u2netp.predict(images)
-    faked = copy.copy(u2netp)
-    fake = OutOfMemoryOverTwo(u2netp.session)
-    faked.session = fake
-    got = faked.predict(images)
-    assert fake.batch_sizes == [4, 2, 2]
-    assert len(got) == 4
-    for mask, expected in zip(got, want, strict=True):
-        assert np.array_equal(mask, expected)
-
-
-def test_out_of_memory_retries_in_warmed_shapes_only(u2netp: OnnxModel) -> None:
-    """On a GPU a batch of 7 runs padded to 8; out of memory, it is re-planned onto
-    the warmed shapes below 8 (4 + 3 padded to 4), never onto a new shape (7, 3)
-    whose first run would start cuDNN's search. The session runs on the CPU here."""
-    images = _inputs(7)
-    want = u2netp.predict(images)
-    faked = copy.copy(u2netp)
-    faked.runtime = dataclasses.replace(u2netp.runtime, use_gpu=True)  # padding on
-    faked.buckets = [1, 2, 4, 8]
-    fake = OutOfMemoryOverTwo(u2netp.session, limit=4)
-    faked.session = fake
-    got = faked.predict(images)
-    assert fake.batch_sizes == [8, 4, 4]
-    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
-
-
-def test_session_never_falls_back_to_the_cpu_in_silence(u2netp: OnnxModel) -> None:
-    # ONNX Runtime's Python session moves itself to the CPU for good after a
-    # provider failure unless fallback is disabled.
-    assert u2netp.session._enable_fallback is False
-
-
-def test_out_of_memory_on_one_image_is_an_inference_error(u2netp: OnnxModel) -> None:
-    faked = copy.copy(u2netp)
-
-    class AlwaysOutOfMemory(OutOfMemoryOverTwo):
-        def run(self, output_names: Any, feeds: dict[str, Any]) -> Any:
-            raise RuntimeError("CUDA failure 2: out of memory")
-
-    faked.session = AlwaysOutOfMemory(u2netp.session)
-    with pytest.raises(InferenceFailed):
-        faked.predict(_inputs(2))

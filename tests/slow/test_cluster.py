@@ -5,8 +5,8 @@ Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``) plays the cloud: its
 none, as on KubeRay (config/rayservice.yaml) and the cluster launcher
 (config/cluster.yaml). No CUDA runs here, so the replicas are a probe with the
 model replica's resource options from ``build_app`` (ModelServer itself would
-refuse a GPU it cannot use; see tests/test_scaling.py). On CPU nodes the real
-app runs: a node launched for the model replica serves the first cut-out.
+refuse a GPU it cannot use; see tests/unit/test_gpu_path.py). On CPU nodes the
+real app runs: a node launched for the model replica serves the first cut-out.
 
 The head runs under its own short temp dir and in its own process group, and
 teardown kills that group only: never `ray stop`, which would stop every Ray on
@@ -23,7 +23,7 @@ import ray
 from ray import serve
 from test_scaling import GpuProbe, model_actor_options, replica_reports, wait_for
 
-from conftest import free_port
+from conftest import FIXTURES, free_port
 from deployments.bench.cluster import (
     IDLE_TIMEOUT_S,
     connect,
@@ -82,7 +82,7 @@ def test_a_new_node_comes_for_the_model_and_serves_it(tmp_path: Path) -> None:
     """The cold path of a cluster that scales from no workers: a CPU-less head,
     the real app deployed, a node launched for the model replica, the first
     cut-out answered. Timed from the deployment to that first 200."""
-    image = (Path(__file__).parent / "fixtures" / "car-1.jpg").read_bytes()
+    image = (FIXTURES / "car-1.jpg").read_bytes()
     result = new_node(image, tmp_path / "head.log")
     assert result["workers_before"] == 0 and result["workers_after"] == 1, result
     assert result["status"] == 200, result

@@ -28,10 +28,7 @@ from ray import serve
 
 from conftest import ROOT, free_port, gradient, image_bytes, serve_config
 from deployments.bench.harness import Load
-from deployments.errors import ModelUnavailable
-from deployments.infer import OnnxModel
-from deployments.models import resolve_model_file, spec_for
-from deployments.runtime import RuntimeConfig, use_gpu_for
+from deployments.runtime import use_gpu_for
 from deployments.serve_app import build_app
 
 APP = "rembg"
@@ -264,20 +261,6 @@ def replica_reports(handle: Any, want: int, timeout_s: float = 60) -> dict[str, 
         for report in [r.result() for r in [handle.remote() for _ in range(16)]]:
             seen[report["replica"]] = report
     return seen
-
-
-def test_cuda_is_absent_so_the_model_refuses_a_fake_gpu() -> None:
-    # No CUDA runs here: given a GPU, ONNX Runtime falls back to the CPU and
-    # OnnxModel (so ModelServer) refuses to start rather than serve slowly.
-    # Hence the probe deployments that stand in for it on fake GPUs.
-    try:
-        model = OnnxModel(
-            resolve_model_file("u2netp"), spec_for("u2netp"), RuntimeConfig(use_gpu=True)
-        )
-    except ModelUnavailable as exc:
-        assert "refusing to serve slowly on the CPU" in str(exc)
-        return
-    pytest.skip(f"CUDA runs on this machine ({model.provider}): nothing to refuse")
 
 
 @pytest.mark.slow
