@@ -106,7 +106,9 @@ class Ingress:
         )
         threads = self.settings.ingress_threads or node_cpus()
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
-        # Serve's cap for this replica (a field its replica context carries).
+        # Serve's cap for this replica. Ray has no public accessor (its own @serve.batch
+        # reads this field too), and build_app cannot pass it in: a serve config's
+        # `deployments:` options are applied after the app's init args are bound.
         deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
         serving = getattr(deployment, "max_ongoing_requests", None)
         self.remover = Remover(

@@ -218,7 +218,14 @@ class ModelServer:
     async def _predict_batch(
         self, items: list[Pending]
     ) -> list[npt.NDArray[np.uint8] | ServiceError]:
-        """One session run for the batch; exactly one result (mask or error) per item."""
+        return await self.run_batch(items)
+
+    async def run_batch(self, items: list[Pending]) -> list[npt.NDArray[np.uint8] | ServiceError]:
+        """One session run for the batch; exactly one result (mask or error) per item.
+
+        What ``@serve.batch`` calls with the batch it formed; a plain method so that
+        it runs (and is tested) without a replica, which Serve's batch queue needs.
+        """
         started = time.monotonic()
         images = [item.image for item in items]
         self.batch_sizes[len(images)] += 1
