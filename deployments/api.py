@@ -16,7 +16,7 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from deployments import __version__, responses
 from deployments.encode import MEDIA_TYPES
@@ -29,6 +29,7 @@ from deployments.options import (
     field_names,
     parse,
 )
+from deployments.reports import HealthReport, ModelsReport
 from deployments.service import Job, Served
 from deployments.wire import read_body, read_multipart
 
@@ -49,7 +50,7 @@ class RemoveService(Protocol):
         """Per configured model: can it serve now (busy counts as yes)."""
         ...
 
-    async def models(self) -> dict[str, Any]: ...
+    async def models(self) -> ModelsReport: ...
 
     def counted(self, error: ServiceError) -> None:
         """Called for every error answered (the error metric)."""
@@ -214,18 +215,23 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.get(
         "/healthz",
         summary="200 while every configured model can serve (busy included)",
-        responses={503: {"description": "A configured model cannot serve"}},
+        response_model=HealthReport,
+        responses={503: {"model": HealthReport, "description": "A configured model cannot serve"}},
     )
-    async def healthz() -> JSONResponse:
+    async def healthz(response: Response) -> HealthReport:
         models = await service.health()
         ok = all(models.values())
-        return JSONResponse(
-            {"status": "ok" if ok else "unavailable", "models": models},
-            status_code=200 if ok else 503,
-        )
+        response.status_code = 200 if ok else 503
+        return HealthReport(status="ok" if ok else "unavailable", models=models)
 
-    @api.get("/models", summary="Configured models, their device and batch settings")
-    async def list_models() -> dict[str, Any]:
+    @api.get(
+        "/models",
+        summary="Configured models, their device and batch settings",
+        response_model=ModelsReport,
+        # Keys a model's state does not have stay out (see deployments.reports).
+        response_model_exclude_unset=True,
+    )
+    async def list_models() -> ModelsReport:
         return await service.models()
 
     @api.get("/", include_in_schema=False)

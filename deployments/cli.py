@@ -188,20 +188,20 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(f"unreachable or failing: {args.url}: {_describe(exc)}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"ok": health.ok, "health": health.models, **models}, indent=2))
+        report = models.model_dump(mode="json", exclude_unset=True)  # as /models sent it
+        print(json.dumps({"ok": health.ok, "health": health.models, **report}, indent=2))
     else:
         print(f"{args.url}: {'healthy' if health.ok else 'NOT healthy'}")
-        for info in models.get("models", []):
-            name = info.get("name", "?")
-            warm = "warm" if health.models.get(name) else "not ready"
-            default = " (default)" if name == models.get("default") else ""
+        for info in models.models:
+            warm = "warm" if health.models.get(info.name) else "not ready"
+            default = " (default)" if info.name == models.default else ""
             detail = ""
-            if "provider" in info:
+            if info.provider is not None:
                 detail = (
-                    f" {info['device']} {info['provider']}, batch <= {info['max_batch_size']}"
-                    f", batches formed {info.get('batch_sizes_formed', {})}"
+                    f" {info.device} {info.provider}, batch <= {info.max_batch_size}"
+                    f", batches formed {info.batch_sizes_formed or {}}"
                 )
-            print(f"  {name}{default}: {warm}{detail}")
+            print(f"  {info.name}{default}: {warm}{detail}")
     return 0 if health.ok else 1
 
 

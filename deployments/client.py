@@ -7,9 +7,10 @@
 Errors the service answers come back as ``ApiError`` (HTTP status + the stable
 code of its JSON body). A 503 (overloaded, or a replica restarting) and
 timeouts or refused connections are retried with exponential backoff, honouring
-``Retry-After``; everything else is raised at once. Imports neither Ray nor the
-pipeline (only httpx and the options' pydantic models), so it is light enough
-for any caller.
+``Retry-After``; everything else is raised at once. ``health()`` and ``models()``
+return the service's own typed records (``deployments.reports``). Imports
+neither Ray nor the pipeline (only httpx and the options' and reports' pydantic
+models), so it is light enough for any caller.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
+from pydantic import ValidationError
 
 from deployments.options import RemoveQuery
+from deployments.reports import HealthReport, ModelsReport
 
 # ``POST /remove``'s query options, from the service's own contract.
 Options = RemoveQuery
@@ -47,10 +51,10 @@ class Result:
     model: str
 
 
-@dataclass(frozen=True)
-class Health:
-    ok: bool
-    models: dict[str, bool]
+# ``GET /healthz``'s answer: ``ok``, and per model whether it can serve.
+Health = HealthReport
+
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -115,19 +119,78 @@ def _result(response: httpx.Response) -> Result:
     )
 
 
-def _health(response: httpx.Response) -> Health:
-    # 503 from /healthz is an answer (a model is not warm), not an error.
-    if response.status_code not in (200, 503):
+def _health_body(response: httpx.Response) -> HealthReport | None:
+    try:
+        return HealthReport.model_validate_json(response.content)
+    except ValidationError:
+        return None
+
+
+def _health(response: httpx.Response) -> HealthReport:
+    # 503 from /healthz with its body is an answer (a model cannot serve), not an error.
+    body = _health_body(response) if response.status_code in (200, 503) else None
+    if body is None:
         raise error_from(response)
-    body: dict[str, Any] = response.json()
-    return Health(ok=response.status_code == 200, models=dict(body.get("models", {})))
+    return body
 
 
-def _models(response: httpx.Response) -> dict[str, Any]:
+def _is_health_answer(response: httpx.Response) -> bool:
+    """A 503 that is /healthz's answer, final; not Serve's or the network's refusal."""
+    return _health_body(response) is not None
+
+
+def _never(response: httpx.Response) -> bool:
+    return False
+
+
+def _models(response: httpx.Response) -> ModelsReport:
     if response.status_code != 200:
         raise error_from(response)
-    body: dict[str, Any] = response.json()
-    return body
+    return ModelsReport.model_validate_json(response.content)
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One request to send (with retries) and how its final answer is read."""
+
+    method: str
+    path: str
+    read: Callable[[httpx.Response], T]
+    options: dict[str, Any] = field(default_factory=dict)
+    # Whether a 503 is this route's own answer, read as such rather than retried.
+    answers_503: Callable[[httpx.Response], bool] = _never
+
+
+def _remove(data: bytes, options: Options | None) -> _Call[Result]:
+    return _Call(
+        "POST",
+        "/remove",
+        _result,
+        {
+            "content": data,
+            "params": (options or Options()).query_params(),
+            "headers": {"Content-Type": "application/octet-stream"},
+        },
+    )
+
+
+_HEALTH = _Call("GET", "/healthz", _health, answers_503=_is_health_answer)
+_MODELS = _Call("GET", "/models", _models)
+
+
+def _wait(
+    retry: Retry, attempt: int, call: _Call[Any], response: httpx.Response | None
+) -> float | None:
+    """Seconds to wait before sending ``call`` again after ``attempt`` (from 0), or
+    None when this outcome is final. ``response`` is None when the request failed
+    on the network (one of ``_RETRY_ERRORS``)."""
+    if attempt + 1 >= retry.attempts:
+        return None
+    if response is None:
+        return retry.delay(attempt, None)
+    if response.status_code != _RETRY_STATUS or call.answers_503(response):
+        return None
+    return retry.delay(attempt, _retry_after(response))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -136,6 +199,10 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 def _body(image: bytes | Path) -> bytes:
     return image.read_bytes() if isinstance(image, Path) else image
+
+
+def _http_options(url: str, api_key: str | None, timeout_s: float) -> dict[str, Any]:
+    return {"base_url": url, "headers": _headers(api_key), "timeout": timeout_s}
 
 
 class Client:
@@ -151,9 +218,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.retry = retry
-        self._http = httpx.Client(
-            base_url=url, headers=_headers(api_key), timeout=timeout_s, transport=transport
-        )
+        self._http = httpx.Client(**_http_options(url, api_key, timeout_s), transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -164,38 +229,29 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _call(self, call: _Call[T]) -> T:
         attempt = 0
         while True:
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._http.request(call.method, call.path, **call.options)
             except _RETRY_ERRORS:
-                if attempt + 1 >= self.retry.attempts:
+                if (wait := _wait(self.retry, attempt, call, None)) is None:
                     raise
-                time.sleep(self.retry.delay(attempt, None))
             else:
-                if response.status_code != _RETRY_STATUS or attempt + 1 >= self.retry.attempts:
-                    return response
-                time.sleep(self.retry.delay(attempt, _retry_after(response)))
+                if (wait := _wait(self.retry, attempt, call, response)) is None:
+                    return call.read(response)
+            time.sleep(wait)
             attempt += 1
 
     def remove(self, image: bytes | Path, options: Options | None = None) -> Result:
         """The image (bytes or a file) without its background."""
-        return _result(
-            self._send(
-                "POST",
-                "/remove",
-                content=_body(image),
-                params=(options or Options()).query_params(),
-                headers={"Content-Type": "application/octet-stream"},
-            )
-        )
+        return self._call(_remove(_body(image), options))
 
-    def health(self) -> Health:
-        return _health(self._http.get("/healthz"))
+    def health(self) -> HealthReport:
+        return self._call(_HEALTH)
 
-    def models(self) -> dict[str, Any]:
-        return _models(self._http.get("/models"))
+    def models(self) -> ModelsReport:
+        return self._call(_MODELS)
 
 
 class AsyncClient:
@@ -213,9 +269,7 @@ class AsyncClient:
     ) -> None:
         self.retry = retry
         self._http = httpx.AsyncClient(
-            base_url=url,
-            headers=_headers(api_key),
-            timeout=timeout_s,
+            **_http_options(url, api_key, timeout_s),
             limits=httpx.Limits(max_connections=max_connections),
             transport=transport,
         )
@@ -229,37 +283,28 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _call(self, call: _Call[T]) -> T:
         attempt = 0
         while True:
             try:
-                response = await self._http.request(method, path, **kwargs)
+                response = await self._http.request(call.method, call.path, **call.options)
             except _RETRY_ERRORS:
-                if attempt + 1 >= self.retry.attempts:
+                if (wait := _wait(self.retry, attempt, call, None)) is None:
                     raise
-                await asyncio.sleep(self.retry.delay(attempt, None))
             else:
-                if response.status_code != _RETRY_STATUS or attempt + 1 >= self.retry.attempts:
-                    return response
-                await asyncio.sleep(self.retry.delay(attempt, _retry_after(response)))
+                if (wait := _wait(self.retry, attempt, call, response)) is None:
+                    return call.read(response)
+            await asyncio.sleep(wait)
             attempt += 1
 
     async def remove(self, image: bytes | Path, options: Options | None = None) -> Result:
         """The image (bytes or a file) without its background."""
         # Reading a file is quick next to the round trip; keep it off the loop anyway.
         data = await asyncio.to_thread(_body, image) if isinstance(image, Path) else image
-        return _result(
-            await self._send(
-                "POST",
-                "/remove",
-                content=data,
-                params=(options or Options()).query_params(),
-                headers={"Content-Type": "application/octet-stream"},
-            )
-        )
+        return await self._call(_remove(data, options))
 
-    async def health(self) -> Health:
-        return _health(await self._http.get("/healthz"))
+    async def health(self) -> HealthReport:
+        return await self._call(_HEALTH)
 
-    async def models(self) -> dict[str, Any]:
-        return _models(await self._http.get("/models"))
+    async def models(self) -> ModelsReport:
+        return await self._call(_MODELS)

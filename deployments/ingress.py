@@ -28,6 +28,7 @@ from deployments.api import HttpSettings, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
 from deployments.preprocess import unpack_mask
+from deployments.reports import ModelInfo, ModelsReport, RefineState
 from deployments.service import Job, Remover, RemoverConfig, Served
 from deployments.settings import AppSettings, deployment_name
 
@@ -106,7 +107,9 @@ class Ingress:
         )
         threads = self.settings.ingress_threads or node_cpus()
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
-        # Serve's cap for this replica (a field its replica context carries).
+        # Serve's cap for this replica. Ray has no public accessor (its own @serve.batch
+        # reads this field too), and build_app cannot pass it in: a serve config's
+        # `deployments:` options are applied after the app's init args are bound.
         deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
         serving = getattr(deployment, "max_ongoing_requests", None)
         self.remover = Remover(
@@ -118,7 +121,7 @@ class Ingress:
         self.app_name = serve.get_replica_context().app_name
         self._status: tuple[float, ServeStatus] | None = None
         self._status_task: asyncio.Future[ServeStatus] | None = None
-        self._infos: dict[str, dict[str, Any]] = {}
+        self._infos: dict[str, ModelInfo] = {}
         await self.remover.warm_up()
         if self.settings.refine_warmup == "startup":
             await self.remover.warm_refine(background=False)
@@ -192,24 +195,26 @@ class Ingress:
             up[name] = running > 0
         return up
 
-    async def models(self, timeout_s: float = 2.0) -> dict[str, Any]:
+    async def models(self, timeout_s: float = 2.0) -> ModelsReport:
         """What each model's replica says of itself, or its last answer while it is
         too busy to say (marked ``stale``), or that it is not ready."""
 
-        async def one(name: str, handle: DeploymentHandle) -> dict[str, Any]:
+        async def one(name: str, handle: DeploymentHandle) -> ModelInfo:
             try:
-                info: dict[str, Any] = await asyncio.wait_for(handle.info.remote(), timeout_s)
+                info = ModelInfo.model_validate(
+                    await asyncio.wait_for(handle.info.remote(), timeout_s)
+                )
             except Exception as exc:
                 last = self._infos.get(name)
                 if last is None:
-                    return {"name": name, "ready": False, "reason": type(exc).__name__}
-                return {**last, "stale": True}
+                    return ModelInfo(name=name, ready=False, reason=type(exc).__name__)
+                return last.model_copy(update={"stale": True})
             self._infos[name] = info
             return info
 
         infos = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
-        return {
-            "default": self.settings.default_model_name,
-            "models": list(infos),
-            "refine": self.remover.refine_state,
-        }
+        return ModelsReport(
+            default=self.settings.default_model_name,
+            models=list(infos),
+            refine=RefineState.model_validate(self.remover.refine_state),
+        )

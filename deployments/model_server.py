@@ -32,6 +32,7 @@ from deployments.infer import OnnxModel
 from deployments.metrics import ModelMetrics
 from deployments.models import resolve_model_file, spec_for
 from deployments.preprocess import pack_mask
+from deployments.reports import ModelInfo, ReconfigureError, wire
 from deployments.runtime import runtime_for
 from deployments.settings import LiveModelConfig, ModelConfig
 
@@ -104,7 +105,7 @@ class ModelServer:
         # user_config right after __init__ and before the replica reports ready,
         # so a (re)started replica loads the file its user_config names, once.
         self.loaded: Loaded | None = None
-        self.last_reconfigure_error: dict[str, Any] | None = None
+        self.last_reconfigure_error: ReconfigureError | None = None
         self.replica = _replica_id()
         self.last_ok = 0.0
         self.batch_sizes: Counter[int] = Counter()
@@ -156,11 +157,12 @@ class ModelServer:
             # The full error (paths included) goes to the replica's log; /models is
             # public and shows only its kind.
             logger.exception("model %s: reconfigure failed; serving as before", self.name)
-            self.last_reconfigure_error = {
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "error": type(exc).__name__,
-                "model_version": user_config.get("model_version"),
-            }
+            version = user_config.get("model_version")
+            self.last_reconfigure_error = ReconfigureError(
+                at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                error=type(exc).__name__,
+                model_version=None if version is None else str(version),
+            )
         else:
             self.last_reconfigure_error = None
 
@@ -214,7 +216,14 @@ class ModelServer:
     async def _predict_batch(
         self, items: list[Pending]
     ) -> list[npt.NDArray[np.uint8] | ServiceError]:
-        """One session run for the batch; exactly one result (mask or error) per item."""
+        return await self.run_batch(items)
+
+    async def run_batch(self, items: list[Pending]) -> list[npt.NDArray[np.uint8] | ServiceError]:
+        """One session run for the batch; exactly one result (mask or error) per item.
+
+        What ``@serve.batch`` calls with the batch it formed; a plain method so that
+        it runs (and is tested) without a replica, which Serve's batch queue needs.
+        """
         started = time.monotonic()
         images = [item.image for item in items]
         self.batch_sizes[len(images)] += 1
@@ -292,29 +301,37 @@ class ModelServer:
         self.last_ok = time.monotonic()
 
     async def info(self) -> dict[str, Any]:
+        """This replica's ``ModelInfo``, as its JSON (``reports.wire``).
+
+        A plain dict crosses Ray rather than the pydantic object: the ingress
+        validates it into its own ``ModelInfo``, so an ingress and a model replica
+        of different versions (mid rolling update) still understand each other,
+        where an unpickled model of another version's class would not be checked.
+        """
         loaded = self.loaded
         if loaded is None:
-            return {"name": self.name, "ready": False, "replica": self.replica}
+            return wire(ModelInfo(name=self.name, ready=False, replica=self.replica))
         model = loaded.model
-        return {
-            "name": self.name,
-            "ready": True,
-            "replica": self.replica,
-            "pid": os.getpid(),
-            "file": loaded.path.name,
-            "model_version": loaded.version,
-            "input_size": list(self.spec.size),
-            "device": "gpu" if model.runtime.use_gpu else "cpu",
-            "provider": model.provider,
-            "intra_op_threads": model.runtime.intra_op_threads,
-            "batched": model.batchable,
-            "batch_shapes": model.buckets,
-            "max_batch_size": self.live.max_batch_size,
-            "batch_wait_timeout_s": self.live.batch_wait_timeout_s,
-            # Batches this replica formed, by size, since it started.
-            "batch_sizes_formed": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "busy": not self.model_free.is_set(),
-            "load_s": round(model.report.load_s, 3),
-            "warmup_s": round(model.report.warmup_s, 3),
-            "last_reconfigure_error": self.last_reconfigure_error,
-        }
+        return wire(
+            ModelInfo(
+                name=self.name,
+                ready=True,
+                replica=self.replica,
+                pid=os.getpid(),
+                file=loaded.path.name,
+                model_version=loaded.version,
+                input_size=self.spec.size,
+                device="gpu" if model.runtime.use_gpu else "cpu",
+                provider=model.provider,
+                intra_op_threads=model.runtime.intra_op_threads,
+                batched=model.batchable,
+                batch_shapes=model.buckets,
+                max_batch_size=self.live.max_batch_size,
+                batch_wait_timeout_s=self.live.batch_wait_timeout_s,
+                batch_sizes_formed={str(k): v for k, v in sorted(self.batch_sizes.items())},
+                busy=not self.model_free.is_set(),
+                load_s=round(model.report.load_s, 3),
+                warmup_s=round(model.report.warmup_s, 3),
+                last_reconfigure_error=self.last_reconfigure_error,
+            )
+        )

@@ -130,7 +130,7 @@ def stop(cluster: FakeCluster) -> None:
 def fake_cluster(
     log: Path, head_cpus: int = 1, worker: tuple[str, dict[str, int]] = GPU_WORKER
 ) -> Iterator[FakeCluster]:
-    from ray._private.services import get_node_ip_address
+    from ray.util import get_node_ip_address
 
     # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))

@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,19 +124,44 @@ def _no_warning(self: object) -> None:
     return None
 
 
+@contextmanager
+def batching_outside_a_replica() -> Iterator[None]:
+    """Lets ``@serve.batch`` run in this process, with no Serve replica around it.
+
+    Serve's batch queue reads the replica's config only to log a warning
+    (max_batch_size against max_ongoing_requests), through a private field of the
+    replica context; outside a replica there is none and that read raises. Ray
+    offers no public switch, so that one check is skipped while this is open, and
+    put back when it closes: the batching itself is Serve's own.
+    """
+    check = _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
+    _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = _no_warning
+    try:
+        yield
+    finally:
+        _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = check
+
+
 class InProcess:
     """The service's ingress work and model replica, in this process, without Serve."""
 
     def __init__(self, settings: AppSettings, live: LiveModelConfig) -> None:
         self.settings, self.live = settings, live
+        self.stack = ExitStack()
 
     async def __aenter__(self) -> InProcess:
         # Ray is not running here: the CPUs the replica would be given are passed
-        # in. Serve's batch queue asks the replica context only to log a warning
-        # (max_batch_size against max_ongoing_requests); outside a replica there is
-        # none, so that one check is skipped. The session, the @serve.batch policy
-        # and the stages are the service's own.
-        _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = _no_warning
+        # in, and the batch queue runs without a replica (batching_outside_a_replica).
+        # The session, the @serve.batch policy and the stages are the service's own.
+        self.stack.enter_context(batching_outside_a_replica())
+        try:
+            await self._start()
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    async def _start(self) -> None:
         server_class: Any = ModelServer.func_or_class  # type: ignore[attr-defined]
         self.server = server_class(
             {"name": MODEL}, 0.0, resources=Resources(self.settings.num_cpus)
@@ -147,10 +172,12 @@ class InProcess:
             RemoverConfig.of(self.settings), {MODEL: self.server.predict}, threads
         )
         await self.remover.warm_up()
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.remover.close()
+        try:
+            self.remover.close()
+        finally:
+            self.stack.close()
 
     async def one(self, data: bytes) -> float:
         started = time.perf_counter()

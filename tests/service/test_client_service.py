@@ -42,8 +42,14 @@ def test_health_and_models(service: Service) -> None:
         health = client.health()
         models = client.models()
     assert health.ok and health.models == {"u2netp": True}
-    assert models["default"] == "u2netp"
-    assert [m["name"] for m in models["models"]] == ["u2netp"]
+    assert models.default == "u2netp"
+    (u2netp,) = models.models
+    assert (u2netp.name, u2netp.ready, u2netp.file, u2netp.device) == (
+        "u2netp",
+        True,
+        "u2netp.onnx",
+        "cpu",
+    )
 
 
 def test_async_client_concurrently(service: Service) -> None:

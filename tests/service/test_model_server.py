@@ -108,8 +108,7 @@ def test_one_bad_image_never_fails_its_batchmates(server: Any, error: Exception)
     server.loaded = type(server.loaded)(fake, server.loaded.path, server.loaded.version)  # type: ignore[arg-type]
     items = [Pending(image, 0.0) for image in (good[0], bad, good[1], good[2])]
     try:
-        batch = ModelServer.func_or_class._predict_batch.__wrapped__  # type: ignore[attr-defined]
-        results = asyncio.run(batch(server, items))
+        results = asyncio.run(server.run_batch(items))
     finally:
         server.loaded = type(server.loaded)(fake.real, server.loaded.path, server.loaded.version)
     assert len(results) == 4  # one result per request, always
@@ -189,8 +188,8 @@ def test_the_warm_up_is_the_first_health_checks_proof() -> None:
 
 
 def test_every_session_run_happens_on_the_one_inference_thread() -> None:
-    """Three batches of 2 at once (the batch function itself: @serve.batch needs a
-    replica) and a health probe: every run of the real session on the same
+    """Three batches of 2 at once (``run_batch``, what @serve.batch calls: its queue
+    needs a replica) and a health probe: every run of the real session on the same
     thread, never two at once."""
     server = loaded_server(max_batch_size=2)
     real = server.loaded.model
@@ -214,12 +213,11 @@ def test_every_session_run_happens_on_the_one_inference_thread() -> None:
 
     server.loaded = type(server.loaded)(Recording(), server.loaded.path, server.loaded.version)
 
-    batch = ModelServer.func_or_class._predict_batch.__wrapped__  # type: ignore[attr-defined]
     pair = [Pending(IMAGE, 0.0), Pending(IMAGE, 0.0)]
 
     async def traffic() -> None:
         server.last_ok = 0.0  # no batch for long: the probe runs an image
-        await asyncio.gather(server.check_health(), *(batch(server, pair) for _ in range(3)))
+        await asyncio.gather(server.check_health(), *(server.run_batch(pair) for _ in range(3)))
 
     asyncio.run(traffic())
     assert sorted(sizes) == [1, 2, 2, 2]  # the probe's image and the three batches

@@ -119,6 +119,79 @@ def test_async_retries_timeouts() -> None:
     assert asyncio.run(run()) == b"ok" and len(seen) == 3
 
 
+def _answers(answers: list[httpx.Response | Exception]) -> httpx.MockTransport:
+    """A transport that plays ``answers`` in order and records what was asked."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    transport = httpx.MockTransport(handler)
+    transport.seen = seen  # type: ignore[attr-defined]
+    return transport
+
+
+MODELS_BODY = {
+    "default": "u2netp",
+    "models": [
+        {"name": "u2netp", "ready": True, "provider": "CPUExecutionProvider", "device": "cpu"},
+        {"name": "isnet", "ready": False, "reason": "TimeoutError"},
+    ],
+    "refine": {"warm": False, "warming": True},
+}
+
+
+def test_health_and_models_retry_like_remove() -> None:
+    """Refused connections and Serve's own 503 (no health body) are retried; the
+    typed records come back."""
+    down = {"status": "unavailable", "models": {"u2netp": False}}
+    transport = _answers(
+        [
+            httpx.ConnectError("refused"),
+            _overloaded(),
+            httpx.Response(503, json=down),
+            _overloaded(),
+            httpx.Response(200, json=MODELS_BODY),
+        ]
+    )
+    with Client("http://svc", transport=transport, retry=Retry(attempts=4, base_s=0.01)) as c:
+        health = c.health()
+        models = c.models()
+    assert transport.seen == ["/healthz"] * 3 + ["/models"] * 2  # type: ignore[attr-defined]
+    assert (health.ok, health.models) == (False, {"u2netp": False})
+    assert models.default == "u2netp" and models.refine.warming
+    ready, down_model = models.models
+    assert (ready.provider, ready.stale) == ("CPUExecutionProvider", False)
+    assert (down_model.ready, down_model.reason, down_model.file) == (False, "TimeoutError", None)
+
+
+def test_a_healthz_503_is_an_answer_not_retried() -> None:
+    down = httpx.Response(503, json={"status": "unavailable", "models": {"u2netp": False}})
+    transport = _answers([down])
+
+    async def run() -> bool:
+        async with AsyncClient("http://svc", transport=transport, retry=Retry(base_s=0.01)) as c:
+            return (await c.health()).ok
+
+    assert asyncio.run(run()) is False
+    assert transport.seen == ["/healthz"]  # type: ignore[attr-defined]
+
+
+def test_health_gives_up_with_the_last_refusal() -> None:
+    transport = _answers([_overloaded() for _ in range(3)])
+    with (
+        Client("http://svc", transport=transport, retry=Retry(attempts=3, base_s=0.01)) as c,
+        pytest.raises(ApiError) as raised,
+    ):
+        c.health()
+    assert (raised.value.status, raised.value.code) == (503, "overloaded")
+    assert len(transport.seen) == 3  # type: ignore[attr-defined]
+
+
 def test_backoff_honours_retry_after_and_grows() -> None:
     retry = Retry(base_s=0.5, max_s=30)
     assert retry.delay(0, 2.0) == 2.0
