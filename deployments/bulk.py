@@ -44,7 +44,7 @@ from deployments.compose import RefineLimits
 from deployments.decode import Limits, probe
 from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
 from deployments.models import resolve_model_file, spec_for
-from deployments.options import CutoutOptions, OutputFormat
+from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.pipeline import Prepared, finish, prepare, reuse_image_memory
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
@@ -200,6 +200,7 @@ class Job:
     limits: Limits
     png_compress_level: int
     refine: RefineLimits
+    fidelity: Fidelity
     pixel_budget: int
 
 
@@ -290,7 +291,7 @@ class Cutter:
         prepared: dict[int, Prepared] = {}
         for i, data in files.items():
             try:
-                prepared[i] = prepare(data, self.model.spec, job.limits)
+                prepared[i] = prepare(data, self.model.spec, job.limits, job.fidelity)
             except Exception as exc:  # one bad file fails alone
                 status[i], message[i] = _failure(exc)
         files.clear()
@@ -307,7 +308,13 @@ class Cutter:
             try:
                 image = prepared.pop(i).image
                 body = finish(
-                    image, mask, job.options, job.fmt, job.png_compress_level, job.refine
+                    image,
+                    mask,
+                    job.options,
+                    job.fmt,
+                    job.png_compress_level,
+                    job.refine,
+                    job.fidelity,
                 ).body
                 del image
                 _write(self.target_fs, str(batch["target"][i]), body)
@@ -380,6 +387,7 @@ class BulkConfig:
     model: str | None = None
     options: CutoutOptions = field(default_factory=CutoutOptions)
     fmt: OutputFormat = "png"
+    fidelity: Fidelity | None = None  # None: the settings'
     batch_size: int = LiveModelConfig().max_batch_size
     # Model actors at most (None: as many as the cluster's GPUs or CPUs allow).
     max_actors: int | None = None
@@ -437,6 +445,7 @@ def run(input_uri: str, output_uri: str, config: BulkConfig) -> Summary:
             fmt=config.fmt,
             limits=settings.limits,
             png_compress_level=settings.png_compress_level,
+            fidelity=config.fidelity or settings.fidelity,
             refine=settings.refine,
             pixel_budget=settings.pixel_budget,
         )

@@ -16,11 +16,12 @@ import numpy.typing as npt
 from PIL import Image
 from PIL import _imaging as pillow_core
 
+from deployments import fast
 from deployments.compose import RefineLimits, compose, mask_to_size
 from deployments.decode import Limits, decode
 from deployments.encode import encode
 from deployments.models import ModelSpec
-from deployments.options import CutoutOptions, OutputFormat
+from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.preprocess import model_input
 
 if TYPE_CHECKING:  # the ingress runs these stages without ONNX Runtime
@@ -82,9 +83,10 @@ def sample_jpeg(limits: Limits) -> bytes:
     return out.getvalue()
 
 
-def prepare(data: bytes, spec: ModelSpec, limits: Limits) -> Prepared:
+def prepare(data: bytes, spec: ModelSpec, limits: Limits, fidelity: Fidelity = "exact") -> Prepared:
     image = decode(data, limits)
-    return Prepared(image=image, model_input=model_input(image, spec.size))
+    resize = fast.model_input if fidelity == "fast" else model_input
+    return Prepared(image=image, model_input=resize(image, spec.size))
 
 
 def finish(
@@ -94,9 +96,17 @@ def finish(
     fmt: OutputFormat = "png",
     png_compress_level: int = 1,
     refine: RefineLimits | None = None,
+    fidelity: Fidelity = "exact",
 ) -> Finished:
     """The cut-out of ``image`` along its model-size ``mask``, encoded."""
-    cutout = compose(image, mask_to_size(mask, image.size), options, refine or RefineLimits())
+    if fidelity == "fast":
+        alpha = fast.mask_to_size(mask, image.size)
+        if image.mode == "RGB" and fmt == "png" and png_compress_level == 1 and options.plain:
+            body = fast.cutout_png(image, alpha)
+            return Finished(body=body, width=image.width, height=image.height)
+    else:
+        alpha = mask_to_size(mask, image.size)
+    cutout = compose(image, alpha, options, refine or RefineLimits())
     body = encode(cutout, fmt, png_compress_level)
     return Finished(body=body, width=image.width, height=image.height)
 
@@ -108,8 +118,16 @@ def remove(
     fmt: OutputFormat = "png",
     limits: Limits | None = None,
     png_compress_level: int = 1,
+    fidelity: Fidelity = "exact",
 ) -> Finished:
     """The whole pipeline in this process, one image."""
-    prepared = prepare(data, model.spec, limits or Limits())
+    prepared = prepare(data, model.spec, limits or Limits(), fidelity)
     mask = model.predict([prepared.model_input])[0]
-    return finish(prepared.image, mask, options or CutoutOptions(), fmt, png_compress_level)
+    return finish(
+        prepared.image,
+        mask,
+        options or CutoutOptions(),
+        fmt,
+        png_compress_level,
+        fidelity=fidelity,
+    )

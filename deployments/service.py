@@ -36,7 +36,7 @@ from deployments.compose import warm_refine
 from deployments.decode import probe
 from deployments.errors import Overloaded, PayloadTooLarge, UnknownModel
 from deployments.models import spec_for
-from deployments.options import CutoutOptions, OutputFormat
+from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.pipeline import (
     finish,
     prepare,
@@ -67,6 +67,7 @@ class Job:
     model: str | None
     options: CutoutOptions
     format: OutputFormat = "png"
+    fidelity: Fidelity | None = None  # None: the service's setting
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,8 @@ class Remover:
                 f"{width}x{height}: ask for format=png"
             )
         async with self.budget.hold(width * height):
-            prepared = await self.in_pool(prepare, job.data, self.specs[name], limits)
+            fidelity = job.fidelity or self.settings.fidelity
+            prepared = await self.in_pool(prepare, job.data, self.specs[name], limits, fidelity)
             inferred = time.perf_counter()
             mask = await self.models[name](prepared.model_input)
             composed = time.perf_counter()
@@ -405,6 +407,7 @@ class Remover:
                     job.format,
                     level,
                     self.settings.refine,
+                    fidelity,
                 ),
             )
             del prepared
