@@ -291,7 +291,7 @@ class Cutter:
         prepared: dict[int, Prepared] = {}
         for i, data in files.items():
             try:
-                prepared[i] = prepare(data, self.model.spec, job.limits, job.fidelity)
+                prepared[i] = prepare(data, self.model.spec, job.limits)
             except Exception as exc:  # one bad file fails alone
                 status[i], message[i] = _failure(exc)
         files.clear()

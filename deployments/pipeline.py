@@ -17,7 +17,7 @@ from PIL import Image
 from PIL import _imaging as pillow_core
 
 from deployments import fast
-from deployments.compose import RefineLimits, compose, mask_to_size
+from deployments.compose import RefineLimits, compose, mask_to_size, naive_cutout_png
 from deployments.decode import Limits, decode
 from deployments.encode import encode
 from deployments.models import ModelSpec
@@ -83,10 +83,9 @@ def sample_jpeg(limits: Limits) -> bytes:
     return out.getvalue()
 
 
-def prepare(data: bytes, spec: ModelSpec, limits: Limits, fidelity: Fidelity = "exact") -> Prepared:
+def prepare(data: bytes, spec: ModelSpec, limits: Limits) -> Prepared:
     image = decode(data, limits)
-    resize = fast.model_input if fidelity == "fast" else model_input
-    return Prepared(image=image, model_input=resize(image, spec.size))
+    return Prepared(image=image, model_input=model_input(image, spec.size))
 
 
 def finish(
@@ -98,16 +97,16 @@ def finish(
     refine: RefineLimits | None = None,
     fidelity: Fidelity = "exact",
 ) -> Finished:
-    """The cut-out of ``image`` along its model-size ``mask``, encoded."""
-    if fidelity == "fast":
-        alpha = fast.mask_to_size(mask, image.size)
-        if image.mode == "RGB" and fmt == "png" and png_compress_level == 1 and options.plain:
-            body = fast.cutout_png(image, alpha)
-            return Finished(body=body, width=image.width, height=image.height)
+    """The cut-out of ``image`` along its model-size ``mask``, encoded; ``fidelity``
+    says how the mask is upscaled (``deployments.fast``)."""
+    upscale = fast.mask_to_size if fidelity == "fast" else mask_to_size
+    alpha = upscale(mask, image.size)
+    if image.mode == "RGB" and fmt == "png" and png_compress_level == 1 and options.plain:
+        # The default cut-out: compose + encode's bytes, in one striped pass.
+        body = naive_cutout_png(image, alpha)
     else:
-        alpha = mask_to_size(mask, image.size)
-    cutout = compose(image, alpha, options, refine or RefineLimits())
-    body = encode(cutout, fmt, png_compress_level)
+        cutout = compose(image, alpha, options, refine or RefineLimits())
+        body = encode(cutout, fmt, png_compress_level)
     return Finished(body=body, width=image.width, height=image.height)
 
 
@@ -121,7 +120,7 @@ def remove(
     fidelity: Fidelity = "exact",
 ) -> Finished:
     """The whole pipeline in this process, one image."""
-    prepared = prepare(data, model.spec, limits or Limits(), fidelity)
+    prepared = prepare(data, model.spec, limits or Limits())
     mask = model.predict([prepared.model_input])[0]
     return finish(
         prepared.image,

@@ -390,8 +390,7 @@ class Remover:
                 f"{width}x{height}: ask for format=png"
             )
         async with self.budget.hold(width * height):
-            fidelity = job.fidelity or self.settings.fidelity
-            prepared = await self.in_pool(prepare, job.data, self.specs[name], limits, fidelity)
+            prepared = await self.in_pool(prepare, job.data, self.specs[name], limits)
             inferred = time.perf_counter()
             mask = await self.models[name](prepared.model_input)
             composed = time.perf_counter()
@@ -407,7 +406,7 @@ class Remover:
                     job.format,
                     level,
                     self.settings.refine,
-                    fidelity,
+                    job.fidelity or self.settings.fidelity,
                 ),
             )
             del prepared
