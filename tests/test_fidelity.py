@@ -82,7 +82,8 @@ def _soft_mask() -> npt.NDArray[np.uint8]:
     """A disc with a soft edge: LANCZOS and BICUBIC upscale it differently."""
     yy, xx = np.mgrid[:320, :320]
     radius = np.hypot(yy - 160, xx - 160)
-    return np.clip((120 - radius) * 8, 0, 255).astype(np.uint8)
+    mask: npt.NDArray[np.uint8] = np.clip((120 - radius) * 8, 0, 255).astype(np.uint8)
+    return mask
 
 
 @pytest.mark.parametrize(
