@@ -25,8 +25,8 @@ from pydantic import (
 )
 
 OutputFormat = Literal["png", "webp"]
-# exact: rembg's pixels; fast: cheaper resamplings around the model, the same
-# colour formula (deployments/fast.py), the alpha within a measured gate.
+# exact: rembg's pixels; fast: the mask upscaled at less cost, the same colour
+# formula (deployments/fast.py), the alpha within a measured gate.
 Fidelity = Literal["exact", "fast"]
 RGBA = tuple[int, int, int, int]
 
@@ -145,8 +145,8 @@ class RemoveQuery(CutoutOptions):
     format: OutputFormat = Field(default="png", description="png (lossless) or webp")
     fidelity: Fidelity | None = Field(
         default=None,
-        description="exact (rembg's pixels) or fast (cheaper resizing, the alpha within"
-        " about a grey level; default: the service's setting)",
+        description="exact (rembg's pixels) or fast (the mask upscaled BICUBIC: the alpha"
+        " within a fraction of a grey level, the same colours); default: the service's",
     )
 
     def query_params(self) -> dict[str, str]:

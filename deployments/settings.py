@@ -88,8 +88,8 @@ class AppSettings(_Strict):
     # compiles pymatting's numba code first (about a minute on 2 cores).
     refine_warmup: Literal["background", "startup", "off"] = "background"
     png_compress_level: int = Field(default=1, ge=0, le=9)
-    # exact: rembg's pixels; fast: cheaper resizing to and from the model's size,
-    # the same colours (README "Fast cut-outs"). /remove's `fidelity` overrides it.
+    # exact: rembg's pixels; fast: the mask upscaled at less cost, the same colours
+    # (README "Fast cut-outs"). /remove's `fidelity` overrides it per request.
     fidelity: Fidelity = "exact"
     # Optional API key: when set, /remove and /api/remove need it in `X-API-Key`
     # or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an
