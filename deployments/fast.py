@@ -7,10 +7,10 @@ pixel is still rembg's compose of the input's pixel and the (fast) alpha.
 
 Why only that, by the figures (tests/README.md, "The fast cut-out's quality
 gate"): a cheaper model input (a box ``reduce`` first, BILINEAR, BICUBIC, the
-JPEG decoder's scaled output) costs 0.3-0.9 of a Pillow decode instead of ~2.4
-at 1 MP, but u2netp's mask of a leafy photo moves with any change to its input:
-up to 4-14 grey levels on average and an IoU of 0.83-0.99 against exact, far
-outside the gate (mean <= 1 level, IoU >= 0.995). The upscale is free to
+JPEG decoder's scaled output) costs 0.3-1.3 of a Pillow decode instead of
+LANCZOS's 2.2-2.4 at 1 MP, but u2netp's mask of a leafy photo moves with any
+change to its input: 0.8-14 grey levels on average, an IoU of 0.32-0.99 against
+exact, outside the gate (mean <= 1 level, IoU >= 0.995). The upscale is free to
 change: BILINEAR still fails the gate on the same photo (IoU 0.993), BICUBIC
 keeps it (worst IoU 0.9967, mean <= 0.13 level).
 """
