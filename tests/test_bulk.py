@@ -37,7 +37,7 @@ from conftest import (
 from deployments.bulk import FAILURES_NAME, BulkConfig, PixelBudget, iter_failures, run
 from deployments.cli import main, settings_from
 from deployments.decode import Limits
-from deployments.options import CutoutOptions
+from deployments.options import CutoutOptions, Fidelity
 from deployments.settings import AppSettings
 
 
@@ -96,10 +96,20 @@ def test_a_folder_end_to_end(local_ray: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [CutoutOptions(), CutoutOptions(bgcolor=(20, 40, 200, 255))], ids=["default", "bgc"]
+    ("options", "fidelity"),
+    [
+        (CutoutOptions(), None),
+        (CutoutOptions(bgcolor=(20, 40, 200, 255)), None),
+        (CutoutOptions(), "fast"),
+    ],
+    ids=["default", "bgc", "fast"],
 )
 def test_bulk_pixels_are_the_endpoints(
-    local_ray: str, service: Service, tmp_path: Path, options: CutoutOptions
+    local_ray: str,
+    service: Service,
+    tmp_path: Path,
+    options: CutoutOptions,
+    fidelity: Fidelity | None,
 ) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -107,12 +117,13 @@ def test_bulk_pixels_are_the_endpoints(
         shutil.copy(path, src / path.name)
     # The settings the test service runs with: serve_config.yaml's.
     settings = settings_from(ROOT / "serve_config.yaml")
-    summary = run(
-        str(src), str(out), BulkConfig(settings=settings, options=options, progress=False)
-    )
+    config = BulkConfig(settings=settings, options=options, fidelity=fidelity, progress=False)
+    summary = run(str(src), str(out), config)
     assert summary.done == len(SHARED_IMAGES) and summary.failed == 0
 
     params = {"bgcolor": ",".join(map(str, options.bgcolor))} if options.bgcolor else {}
+    if fidelity is not None:
+        params["fidelity"] = fidelity
     with service.client() as client:
         for path in SHARED_IMAGES:
             response = client.post("/remove", content=path.read_bytes(), params=params)
