@@ -179,7 +179,9 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             form = parse(RembgForm, fields)
         except OptionsError as exc:
             raise BadParameter(str(exc)) from None
-        return image(await service.remove(Job(upload.data, form.model, form.cutout())))
+        # rembg's contract: rembg's pixels, whatever the service's fidelity setting.
+        job = Job(upload.data, form.model, form.cutout(), fidelity="exact")
+        return image(await service.remove(job))
 
     @api.post(
         "/remove",
@@ -209,7 +211,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             data = (await read_multipart(request, limit)).data
         else:
             data = await read_body(request, limit)
-        job = Job(data, query.model, query.cutout(), query.format)
+        job = Job(data, query.model, query.cutout(), query.format, query.fidelity)
         return image(await service.remove(job))
 
     @api.get(

@@ -45,7 +45,7 @@ from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
 from deployments.files import write_atomic
 from deployments.memory import reuse_image_memory
 from deployments.models import resolve_model_file, spec_for
-from deployments.options import CutoutOptions, OutputFormat
+from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.pipeline import Prepared, finish, prepare
 from deployments.runtime import use_gpu_for
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
@@ -92,6 +92,7 @@ class Job:
     limits: Limits
     png_compress_level: int
     refine: RefineLimits
+    fidelity: Fidelity
     pixel_budget: int
 
 
@@ -200,7 +201,13 @@ class Cutter:
             try:
                 image = prepared.pop(i).image
                 body = finish(
-                    image, mask, job.options, job.fmt, job.png_compress_level, job.refine
+                    image,
+                    mask,
+                    job.options,
+                    job.fmt,
+                    job.png_compress_level,
+                    job.refine,
+                    job.fidelity,
                 ).body
                 del image
                 write_atomic(str(batch["target"][i]), body, self.target_fs)
@@ -216,6 +223,7 @@ class BulkConfig:
     model: str | None = None
     options: CutoutOptions = field(default_factory=CutoutOptions)
     fmt: OutputFormat = "png"
+    fidelity: Fidelity | None = None  # None: the settings'
     batch_size: int = LiveModelConfig().max_batch_size
     # Model actors at most (None: as many as the cluster's GPUs or CPUs allow).
     max_actors: int | None = None
@@ -272,6 +280,7 @@ def run(input_uri: str, output_uri: str, config: BulkConfig) -> Summary:
             fmt=config.fmt,
             limits=settings.limits,
             png_compress_level=settings.png_compress_level,
+            fidelity=config.fidelity or settings.fidelity,
             refine=settings.refine,
             pixel_budget=settings.pixel_budget,
         )

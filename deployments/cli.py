@@ -168,6 +168,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         model=query.model,
         options=query.cutout(),
         fmt=query.format,
+        fidelity=query.fidelity,
         batch_size=args.batch_size,
         max_actors=args.actors,
         progress=not args.quiet,

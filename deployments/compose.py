@@ -8,7 +8,7 @@ compiles on first import) is imported only in the branches that use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+
+from deployments.encode import png_from_stripes
 
 if TYPE_CHECKING:
     from deployments.options import CutoutOptions
@@ -36,6 +38,38 @@ def naive_cutout(img: Image.Image, mask: Image.Image) -> Image.Image:
     cutout = Image.new("RGBA", img.size, 0)
     cutout.paste(img, None, mask)
     return cutout
+
+
+# Rows composed and encoded per step of ``naive_cutout_png``: small enough that a
+# stripe's RGB, alpha and RGBA rows stay in the CPU's cache from step to step.
+STRIPE_BYTES = 1 << 20
+
+
+def naive_cutout_png(img: Image.Image, mask: Image.Image) -> bytes:
+    """``encode.fast_png(naive_cutout(img, mask))`` for an RGB ``img``, the same
+    bytes, made stripe by stripe.
+
+    Pasting through the mask onto transparent black turns each colour into
+    ``round(colour * mask / 255)`` and the alpha into the mask; Pillow's RGBA ->
+    RGBa conversion computes exactly that, with the same rounding. A stripe at a
+    time, the full-size RGBA image, its blank canvas and the encoder's copies of
+    it never exist.
+    """
+    if img.mode != "RGB" or mask.mode != "L" or mask.size != img.size:
+        raise ValueError(f"an RGB image and an L mask of its size, not {img.mode}/{mask.mode}")
+    step = max(1, STRIPE_BYTES // (img.width * 4))
+    return png_from_stripes(img.size, "RGBA", _premultiplied(img, mask, step))
+
+
+def _premultiplied(
+    img: Image.Image, mask: Image.Image, step: int
+) -> Iterator[npt.NDArray[np.uint8]]:
+    width, height = img.size
+    for top in range(0, height, step):
+        box = (0, top, width, min(top + step, height))
+        rgba = img.crop(box).convert("RGBA")
+        rgba.putalpha(mask.crop(box))
+        yield np.asarray(rgba.convert("RGBa"))
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterable
 
 import numpy as np
+import numpy.typing as npt
 from isal import isal_zlib
 from PIL import Image
 
@@ -57,11 +59,23 @@ def fast_png(img: Image.Image) -> bytes:
     stripes encode in parallel with other requests.
     """
     width, height = img.size
-    channels = len(img.getbands())
-    row_bytes = width * channels
-    step = max(1, _STRIPE_BYTES // max(row_bytes, 1))
+    step = max(1, _STRIPE_BYTES // max(width * len(img.getbands()), 1))
+    stripes = (
+        np.asarray(img.crop((0, top, width, min(top + step, height))))
+        for top in range(0, height, step)
+    )
+    return png_from_stripes(img.size, img.mode, stripes)
+
+
+def png_from_stripes(
+    size: tuple[int, int], mode: str, stripes: Iterable[npt.NDArray[np.uint8]]
+) -> bytes:
+    """A PNG of ``size`` from its rows, given top to bottom in stripes of uint8
+    (rows, width[, channels]) in ``mode`` L, RGB or RGBA: the writer of ``fast_png``."""
+    width, height = size
+    row_bytes = width * len(mode)
     compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 15)
-    header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[img.mode], 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[mode], 0, 0, 0)
     out = bytearray(b"\x89PNG\r\n\x1a\n")
     _chunk(out, b"IHDR", header)
     # One IDAT chunk, its compressed stripes written straight into the file's
@@ -70,17 +84,20 @@ def fast_png(img: Image.Image) -> bytes:
     out += b"\0\0\0\0IDAT"
     crc = zlib.crc32(b"IDAT")
     previous = np.zeros(row_bytes, dtype=np.uint8)
-    for top in range(0, height, step):
-        bottom = min(top + step, height)
-        rows = np.asarray(img.crop((0, top, width, bottom))).reshape(bottom - top, row_bytes)
-        filtered = np.empty((bottom - top, row_bytes + 1), dtype=np.uint8)
+    written = 0
+    for stripe in stripes:
+        rows = stripe.reshape(-1, row_bytes)
+        filtered = np.empty((len(rows), row_bytes + 1), dtype=np.uint8)
         filtered[:, 0] = 2  # filter type Up: each byte minus the byte above (mod 256)
         np.subtract(rows[:1], previous, out=filtered[:1, 1:])
         np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
         previous = rows[-1].copy()
+        written += len(rows)
         part = compressor.compress(filtered.data)
         out += part
         crc = zlib.crc32(part, crc)
+    if written != height:
+        raise ValueError(f"stripes of {written} rows for a PNG {height} rows high")
     part = compressor.flush()
     out += part
     crc = zlib.crc32(part, crc)

@@ -25,6 +25,9 @@ from pydantic import (
 )
 
 OutputFormat = Literal["png", "webp"]
+# exact: rembg's pixels; fast: the mask upscaled at less cost, the same colour
+# formula (deployments/fast.py), the alpha within a measured gate.
+Fidelity = Literal["exact", "fast"]
 RGBA = tuple[int, int, int, int]
 
 # rembg's spellings of a boolean; an empty value (a blank form field) is false.
@@ -114,6 +117,17 @@ class CutoutOptions(BaseModel):
         default=None, description="Background colour: R,G,B,A (0-255) or #RRGGBBAA"
     )
 
+    @property
+    def plain(self) -> bool:
+        """The default cut-out: no refinement, post-processing, mask-only or colour."""
+        return not (
+            self.alpha_matting
+            or self.decontaminate
+            or self.post_process_mask
+            or self.only_mask
+            or self.bgcolor is not None
+        )
+
     def cutout(self) -> CutoutOptions:
         """Only the compose record, without a route's routing or encoding fields."""
         return CutoutOptions.model_construct(
@@ -129,6 +143,11 @@ class RemoveQuery(CutoutOptions):
 
     model: ModelName = Field(default=None, description="A served model (default: the service's)")
     format: OutputFormat = Field(default="png", description="png (lossless) or webp")
+    fidelity: Fidelity | None = Field(
+        default=None,
+        description="exact (rembg's pixels) or fast (the mask upscaled BICUBIC: the alpha"
+        " within a fraction of a grey level, the same colours); default: the service's",
+    )
 
     def query_params(self) -> dict[str, str]:
         """What differs from the defaults, as query parameters (short URLs)."""

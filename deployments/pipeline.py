@@ -15,11 +15,12 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from deployments.compose import RefineLimits, compose, mask_to_size
+from deployments import fast
+from deployments.compose import RefineLimits, compose, mask_to_size, naive_cutout_png
 from deployments.decode import Limits, decode
 from deployments.encode import encode
 from deployments.models import ModelSpec
-from deployments.options import CutoutOptions, OutputFormat
+from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.preprocess import model_input
 
 if TYPE_CHECKING:  # the ingress runs these stages without ONNX Runtime
@@ -67,10 +68,18 @@ def finish(
     fmt: OutputFormat = "png",
     png_compress_level: int = 1,
     refine: RefineLimits | None = None,
+    fidelity: Fidelity = "exact",
 ) -> Finished:
-    """The cut-out of ``image`` along its model-size ``mask``, encoded."""
-    cutout = compose(image, mask_to_size(mask, image.size), options, refine or RefineLimits())
-    body = encode(cutout, fmt, png_compress_level)
+    """The cut-out of ``image`` along its model-size ``mask``, encoded; ``fidelity``
+    says how the mask is upscaled (``deployments.fast``)."""
+    upscale = fast.mask_to_size if fidelity == "fast" else mask_to_size
+    alpha = upscale(mask, image.size)
+    if image.mode == "RGB" and fmt == "png" and png_compress_level == 1 and options.plain:
+        # The default cut-out: compose + encode's bytes, in one striped pass.
+        body = naive_cutout_png(image, alpha)
+    else:
+        cutout = compose(image, alpha, options, refine or RefineLimits())
+        body = encode(cutout, fmt, png_compress_level)
     return Finished(body=body, width=image.width, height=image.height)
 
 
@@ -81,8 +90,16 @@ def remove(
     fmt: OutputFormat = "png",
     limits: Limits | None = None,
     png_compress_level: int = 1,
+    fidelity: Fidelity = "exact",
 ) -> Finished:
     """The whole pipeline in this process, one image."""
     prepared = prepare(data, model.spec, limits or Limits())
     mask = model.predict([prepared.model_input])[0]
-    return finish(prepared.image, mask, options or CutoutOptions(), fmt, png_compress_level)
+    return finish(
+        prepared.image,
+        mask,
+        options or CutoutOptions(),
+        fmt,
+        png_compress_level,
+        fidelity=fidelity,
+    )

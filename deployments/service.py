@@ -31,7 +31,7 @@ from deployments.decode import Limits, probe
 from deployments.errors import PayloadTooLarge, UnknownModel
 from deployments.memory import IdleTrimmer, reuse_image_memory
 from deployments.models import spec_for
-from deployments.options import CutoutOptions, OutputFormat
+from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.pipeline import finish, prepare, sample_jpeg
 from deployments.refine import compile_refiners_aside, quiet_for
 
@@ -59,6 +59,7 @@ class Job:
     model: str | None
     options: CutoutOptions
     format: OutputFormat = "png"
+    fidelity: Fidelity | None = None  # None: the service's setting
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class RemoverConfig:
     pixel_budget: int
     refine_concurrency: int
     deadline_s: float
+    # A request that names no fidelity gets this one.
+    fidelity: Fidelity = "exact"
 
     @classmethod
     def of(cls, settings: AppSettings) -> RemoverConfig:
@@ -104,6 +107,7 @@ class RemoverConfig:
             pixel_budget=settings.pixel_budget,
             refine_concurrency=settings.refine_concurrency,
             deadline_s=settings.deadline_s,
+            fidelity=settings.fidelity,
         )
 
 
@@ -191,6 +195,7 @@ class Remover:
                     job.format,
                     level,
                     self.config.refine,
+                    job.fidelity or self.config.fidelity,
                 ),
             )
             del prepared

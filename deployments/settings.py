@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from deployments.compose import RefineLimits
 from deployments.decode import Limits
 from deployments.models import MODEL_TABLE
+from deployments.options import Fidelity
 
 # Each served model is one Serve deployment, named after it.
 MODEL_DEPLOYMENT_PREFIX = "Model_"
@@ -123,6 +124,9 @@ class AppSettings(_Strict):
     # compiles pymatting's numba code first (about a minute on 2 cores).
     refine_warmup: Literal["background", "startup", "off"] = "background"
     png_compress_level: int = Field(default=1, ge=0, le=9)
+    # exact: rembg's pixels; fast: the mask upscaled at less cost, the same colours
+    # (README "Fast cut-outs"). /remove's `fidelity` overrides it per request.
+    fidelity: Fidelity = "exact"
     # Optional API key: when set, /remove and /api/remove need it in `X-API-Key`
     # or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an
     # environment variable of the replicas, to a key written in the config.

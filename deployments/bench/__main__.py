@@ -1,14 +1,16 @@
 """``python -m deployments.bench``: the benchmark, every figure from one run on one machine.
 
 Sections (all by default): ``stages`` (the CPU each stage outside the model costs
-per megapixel, against Pillow's decode), ``throughput`` (the model limit, the same stages in
-process, the service over HTTP and ``rembg s`` side by side), ``cold`` (a start
-until the first cut-out, the first matting request, a new replica under load) and
-``bulk`` (``rembg-serve batch`` on Ray Data against the HTTP path, same images). It
-prints a table with each target marked PASS or FAIL and writes everything as JSON,
-with the machine and the date. Compare the ratios, not the absolute figures:
-machines differ several times in raw speed. ``python -m deployments.bench report``
-renders such a JSON into tests/README.md's figures section (deployments/bench/report.py).
+per megapixel, against Pillow's decode, exact and fast), ``fidelity`` (the fast
+cut-out against the exact one on every photo and generated case: its quality
+gate), ``throughput`` (the model limit, the same stages in process, the service
+over HTTP and ``rembg s`` side by side), ``cold`` (a start until the first
+cut-out, the first matting request, a new replica under load) and ``bulk``
+(``rembg-serve batch`` on Ray Data against the HTTP path, same images). It prints
+a table with each target marked PASS or FAIL and writes everything as JSON, with
+the machine and the date. Compare the ratios, not the absolute figures: machines
+differ several times in raw speed. ``python -m deployments.bench report`` renders
+such a JSON into tests/README.md's figures section (deployments/bench/report.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deployments.bench import bulk, cold, report, stages, throughput
+from deployments.bench import bulk, cold, fidelity, report, stages, throughput
 from deployments.bench.harness import ROOT, Json, rembg_home, shared_images
 
-SECTIONS = ("stages", "throughput", "cold", "bulk")
+SECTIONS = ("stages", "fidelity", "throughput", "cold", "bulk")
 
 
 def machine() -> Json:
@@ -126,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             results["stages"] = part
             targets += [judged(*t) for t in stages.targets(part)]
             lines += stages.table(part)
+        if "fidelity" in sections:
+            part = fidelity.run_section(stages.u2netp(), images, args.quick)
+            results["fidelity"] = part
+            targets += [judged(*t) for t in fidelity.targets(part)]
+            lines += fidelity.table(part)
         if "throughput" in sections:
             peer: Path | None = None
             if not args.skip_peer:

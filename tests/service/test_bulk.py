@@ -36,7 +36,7 @@ from conftest import (
 from deployments.bulk import BulkConfig, run
 from deployments.bulk_report import FAILURES_NAME, iter_failures
 from deployments.decode import Limits
-from deployments.options import CutoutOptions
+from deployments.options import CutoutOptions, Fidelity
 from deployments.settings import AppSettings
 
 
@@ -95,10 +95,20 @@ def test_a_folder_end_to_end(local_ray: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [CutoutOptions(), CutoutOptions(bgcolor=(20, 40, 200, 255))], ids=["default", "bgc"]
+    ("options", "fidelity"),
+    [
+        (CutoutOptions(), None),
+        (CutoutOptions(bgcolor=(20, 40, 200, 255)), None),
+        (CutoutOptions(), "fast"),
+    ],
+    ids=["default", "bgc", "fast"],
 )
 def test_bulk_pixels_are_the_endpoints(
-    local_ray: str, service: Service, tmp_path: Path, options: CutoutOptions
+    local_ray: str,
+    service: Service,
+    tmp_path: Path,
+    options: CutoutOptions,
+    fidelity: Fidelity | None,
 ) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -106,12 +116,13 @@ def test_bulk_pixels_are_the_endpoints(
         shutil.copy(path, src / path.name)
     # The settings the test service runs with: serve_config.yaml's.
     settings = AppSettings.from_serve_config(ROOT / "serve_config.yaml")
-    summary = run(
-        str(src), str(out), BulkConfig(settings=settings, options=options, progress=False)
-    )
+    config = BulkConfig(settings=settings, options=options, fidelity=fidelity, progress=False)
+    summary = run(str(src), str(out), config)
     assert summary.done == len(SHARED_IMAGES) and summary.failed == 0
 
     params = {"bgcolor": ",".join(map(str, options.bgcolor))} if options.bgcolor else {}
+    if fidelity is not None:
+        params["fidelity"] = fidelity
     with service.client() as client:
         for path in SHARED_IMAGES:
             response = client.post("/remove", content=path.read_bytes(), params=params)

@@ -221,9 +221,10 @@ def _default(schema: dict[str, Any]) -> str | None:
 def test_every_documented_parameter_is_accepted(service: Service, doc: Doc) -> None:
     query = _operation(doc, "post", "/remove")["parameters"]
     params = {p["name"]: d for p in query if (d := _default(p["schema"])) is not None}
-    # Every option has a documented default, except model and bgcolor (none by default).
-    assert set(params) | {"model", "bgcolor"} == {p["name"] for p in query}
-    params |= {"model": "u2netp", "bgcolor": "#00ff00ff"}
+    # Every option has a documented default, except model, bgcolor and fidelity (none
+    # by default: the service's own).
+    assert set(params) | {"model", "bgcolor", "fidelity"} == {p["name"] for p in query}
+    params |= {"model": "u2netp", "bgcolor": "#00ff00ff", "fidelity": "fast"}
     with service.client() as client:
         response = client.post("/remove", params=params, content=PNG)
         check_response(doc, response)

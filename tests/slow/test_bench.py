@@ -165,13 +165,16 @@ def test_quick_stages_section_reports_each_stage(tmp_path: Path) -> None:
             r["default_total_x_pillow_decode"]
         )
         assert set(r["outputs_ms_per_mp"]) == {"png", "only_mask", "bgcolor", "webp"}
+        for fidelity in ("exact", "fast"):
+            assert positive(r["fidelity"][fidelity]["total_x_pillow_decode"]), r
     scaling = json.loads(out.read_text())["stages"]["threads"]["rows"]
     assert [r["threads"] for r in scaling][:2] == [1, 2]
     assert all(positive(r["images_per_s"]) and positive(r["cores_busy"]) for r in scaling)
     # Through serve run: every process spent CPU on the uploads, the ingress at
     # least what its stages cost in process (the rest is Serve's share).
     served = json.loads(out.read_text())["stages"]["served"]["rows"]
-    assert [r["megapixels"] for r in served] == pytest.approx([0.02, 2.0], rel=0.05)
+    assert [r["megapixels"] for r in served] == pytest.approx([0.02] * 2 + [2.0] * 2, rel=0.05)
+    assert [r["fidelity"] for r in served] == ["exact", "fast"] * 2
     for r in served:
         cpu = r["cpu_ms_per_image"]
         assert all(positive(cpu[k]) for k in ("proxy", "ingress", "model")), r

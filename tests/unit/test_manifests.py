@@ -74,7 +74,7 @@ def test_overrides_touch_only_what_a_gpu_cluster_changes() -> None:
     base = load(ROOT / "serve_config.yaml")["applications"][0]
     gpu = serve_config_v2()["applications"][0]
     changed = {k for k in base["args"] if base["args"][k] != gpu["args"][k]}
-    assert changed == {"device", "num_cpus"}
+    assert changed == {"device", "num_cpus", "fidelity"}
     assert base["deployments"] != gpu["deployments"]
     assert [d["name"] for d in base["deployments"]] == [d["name"] for d in gpu["deployments"]]
 
