@@ -3,9 +3,12 @@ with nothing to talk to (tests/service/test_cli_service.py has it against a serv
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
+import threading
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 import pyarrow.fs as pafs
 import pytest
@@ -223,3 +226,63 @@ def test_console_script_is_wired_and_ships_no_benchmark() -> None:
     # The benchmark runs from a checkout (python -m deployments.bench), not the shipped CLI.
     bench = subprocess.run([str(SCRIPT), "bench"], capture_output=True, text=True, timeout=60)
     assert bench.returncode == 2 and "invalid choice: 'bench'" in bench.stderr
+
+
+class _BadWidth(http.server.BaseHTTPRequestHandler):
+    """Answers POST /remove with 200 and a non-integer X-Width; counts the bodies."""
+
+    received: ClassVar[list[int]] = []
+
+    def do_POST(self) -> None:
+        self.received.append(len(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("X-Width", "wide")
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"png")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_remove_makes_a_bad_answer_and_a_huge_file_their_files_failures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    gradient().save(photos / "small.png")
+    (photos / "huge.jpg").write_bytes(b"\xff" * 5000)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadWidth)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        args = ["remove", str(photos), "-o", str(tmp_path / "o"), "--url", url, "-q"]
+        assert main([*args, "--max-upload-bytes", "4000"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    printed = capsys.readouterr()
+    assert "0 done, 0 already there, 2 failed" in printed.out
+    assert "huge.jpg: 413 payload_too_large: the file is 5000 bytes" in printed.err
+    assert "small.png: ValueError" in printed.err
+    # Only the small file was sent; nothing was written.
+    assert _BadWidth.received == [(photos / "small.png").stat().st_size]
+    assert not (tmp_path / "o").exists()
+
+
+def test_remove_refuses_same_named_files_of_two_folders_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+        gradient().save(tmp_path / root / "x.jpg")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing there: no request may be made
+    out = tmp_path / "out"
+    assert (
+        main(["remove", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out), "--url", url])
+        == 2
+    )
+    assert "have the same path in their folders (x.jpg)" in capsys.readouterr().err
+    assert not out.exists()
