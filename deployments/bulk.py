@@ -37,11 +37,11 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from deployments.admission import PixelBudget
-from deployments.bulk_plan import filesystem, plan
+from deployments.bulk_plan import Plan, budget_groups, filesystem, plan
 from deployments.bulk_report import Summary, report, write_failures
 from deployments.compose import RefineLimits
 from deployments.decode import Limits, probe
-from deployments.errors import InferenceFailed, PayloadTooLarge, ServiceError
+from deployments.errors import PayloadTooLarge, ServiceError
 from deployments.files import write_atomic
 from deployments.memory import reuse_image_memory
 from deployments.models import resolve_model_file, spec_for
@@ -151,6 +151,8 @@ class Cutter:
         status = np.zeros(n, dtype=np.int16)
         message = np.full(n, "", dtype=object)
         pixels = np.zeros(n, dtype=np.int64)
+        # The most pixels this call had decoded at once: within what it held.
+        decoded = 0
         files: dict[int, bytes] = {}
         for i, source in enumerate(batch["source"]):
             try:
@@ -160,9 +162,14 @@ class Cutter:
             except Exception as exc:  # one bad file fails alone
                 files.pop(i, None)
                 status[i], message[i] = _failure(exc)
-        # Room for the whole batch in one step (at most the whole budget).
-        with self.budget.hold_sync(int(pixels.sum())):
-            self._cut(batch, files, status, message)
+        # A group at a time, each taking its room in one step: a batch larger
+        # than the budget is never decoded all at once.
+        ready = list(files)
+        for group in budget_groups([int(pixels[i]) for i in ready], self.budget.capacity):
+            held = [ready[g] for g in group]
+            with self.budget.hold_sync(int(pixels[held].sum())):
+                part = {i: files.pop(i) for i in held}
+                decoded = max(decoded, self._cut(batch, part, status, message))
         return {
             "source": batch["source"],
             "status": status,
@@ -170,6 +177,7 @@ class Cutter:
             "pixels": pixels,
             "actor": np.full(n, self.actor, dtype=object),
             "rss_mib": np.full(n, _rss_mib()),
+            "decoded": np.full(n, decoded, dtype=np.int64),
         }
 
     def _cut(
@@ -178,8 +186,9 @@ class Cutter:
         files: dict[int, bytes],
         status: npt.NDArray[np.int16],
         message: npt.NDArray[Any],
-    ) -> None:
-        """Decode, the model, compose, encode and write; a failure is its image's."""
+    ) -> int:
+        """Decode, the model, compose, encode and write; a failure is its image's.
+        Returns the pixels decoded at once (all of ``files``' that decoded)."""
         job = self.job
         prepared: dict[int, Prepared] = {}
         for i, data in files.items():
@@ -188,15 +197,16 @@ class Cutter:
             except Exception as exc:  # one bad file fails alone
                 status[i], message[i] = _failure(exc)
         files.clear()
+        decoded = sum(p.image.width * p.image.height for p in prepared.values())
         masks: dict[int, npt.NDArray[np.uint8]] = {}
         if prepared:
             try:
                 with self.model_lock:
                     found = self.model.predict([p.model_input for p in prepared.values()])
                 masks = dict(zip(prepared, found, strict=True))
-            except InferenceFailed as exc:
+            except Exception as exc:  # the model's failure is its images', not the run's
                 for i in prepared:
-                    status[i], message[i] = exc.status, exc.message
+                    status[i], message[i] = _failure(exc)
         for i, mask in masks.items():
             try:
                 image = prepared.pop(i).image
@@ -213,6 +223,7 @@ class Cutter:
                 write_atomic(str(batch["target"][i]), body, self.target_fs)
             except Exception as exc:  # one bad image fails alone
                 status[i], message[i] = _failure(exc)
+        return decoded
 
 
 @dataclass(frozen=True)
@@ -261,13 +272,18 @@ def _actor_resources(config: BulkConfig) -> tuple[dict[str, float], int]:
     return resources, max(1, min(most, config.max_actors or most))
 
 
-def run(input_uri: str, output_uri: str, config: BulkConfig) -> Summary:
-    """Every image under ``input_uri`` not yet in ``output_uri``, cut out; Ray must
-    be initialised (``ray.init``)."""
+def run(input_uri: str, output_uri: str, config: BulkConfig, work: Plan | None = None) -> Summary:
+    """Every image under ``input_uri`` not yet in ``output_uri``, cut out (``work``:
+    its plan, if made already); Ray must be initialised (``ray.init``) if there
+    is anything to do."""
     model = _model_config(config)
     started = time.perf_counter()
-    work = plan(input_uri, output_uri, "." + config.fmt)
+    if work is None:
+        work = plan(input_uri, output_uri, "." + config.fmt)
     summary = Summary(skipped=work.skipped)
+    for source, status, message in work.refused:
+        summary.failed += 1
+        summary.failures.append((source, status, message))
     if work.todo:
         context = DataContext.get_current()
         context.enable_progress_bars = config.progress
@@ -331,11 +347,14 @@ def main_run(input_uri: str, output_uri: str, config: BulkConfig, address: str |
         # missing one is said now, not as an actor's failure after Ray started.
         model = _model_config(config)
         resolve_model_file(model.name, model.path)
-    started_here = not ray.is_initialized()
+    # Planned before Ray starts: a refused run costs no cluster, a finished one
+    # needs none.
+    work = plan(input_uri, output_uri, "." + config.fmt)
+    started_here = bool(work.todo) and not ray.is_initialized()
     if started_here:
         ray.init(address=address, logging_level=logging.WARNING)
     try:
-        summary = run(input_uri, output_uri, config)
+        summary = run(input_uri, output_uri, config, work)
     finally:
         if started_here:
             ray.shutdown()

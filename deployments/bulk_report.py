@@ -36,6 +36,9 @@ class Summary:
     failures: list[tuple[str, int, str]] = field(default_factory=list)
     # Per actor: its RSS after its first batch, and the highest seen after a batch.
     actor_rss_mib: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # The most pixels one actor call had decoded at once (what the pixel budget
+    # bounds: a batch larger than it is decoded a part at a time).
+    peak_decoded_pixels: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -61,6 +64,7 @@ class Summary:
             else:
                 self.done += 1
                 self.megapixels += int(rows["pixels"][i]) / 1e6
+            self.peak_decoded_pixels = max(self.peak_decoded_pixels, int(rows["decoded"][i]))
             actor, rss = str(rows["actor"][i]), float(rows["rss_mib"][i])
             first, peak = self.actor_rss_mib.get(actor, (rss, rss))
             self.actor_rss_mib[actor] = (first, max(peak, rss))
@@ -106,6 +110,9 @@ def report(summary: Summary, output_uri: str) -> str:
         )
         + f" -> {output_uri}"
     ]
+    if summary.peak_decoded_pixels:
+        mp = summary.peak_decoded_pixels / 1e6
+        lines.append(f"  at most {mp:.1f} MP decoded at once by a call")
     for actor, (first, peak) in sorted(summary.actor_rss_mib.items()):
         lines.append(
             f"  actor {actor[-8:]}: RSS {first:.0f} MiB after its first batch, peak {peak:.0f} MiB"

@@ -20,7 +20,8 @@ from typing import Literal, get_args, get_origin
 import httpx
 
 from deployments.client import DEFAULT_URL, ApiError, AsyncClient, Client, Options, Retry
-from deployments.files import FileJob, plan, write_atomic
+from deployments.decode import Limits
+from deployments.files import FileJob, output_is_whole, plan, remove_leftovers, write_atomic
 from deployments.options import OptionsError, parse
 from deployments.settings import AppSettings, LiveModelConfig
 
@@ -33,18 +34,41 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, or ``ApiError`` 413 (said here, not sent) if over ``max_bytes``."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        data = file.read(max_bytes + 1) if size <= max_bytes else b""
+    if size > max_bytes or len(data) > max_bytes:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"the file is {max(size, len(data))} bytes, over the upload limit of {max_bytes} "
+            "(--max-upload-bytes): not sent",
+        )
+    return data
+
+
 async def remove_all(
     jobs: Sequence[FileJob],
     client: AsyncClient,
     options: Options,
     concurrency: int,
     progress: bool = True,
+    max_upload_bytes: int = Limits().max_upload_bytes,
 ) -> tuple[int, int, list[tuple[Path, str]]]:
-    """Sends every job not done yet; returns (done, skipped, failures)."""
+    """Sends every job not done yet; returns (done, skipped, failures).
+
+    Done means a whole output is there (``output_is_whole``): an empty or torn
+    one is sent again. A file's failure (the service's answer, the network, a
+    file over the upload limit, an answer that cannot be read) is its line in
+    the failures, never the run's end.
+    """
     from tqdm import tqdm
 
-    todo = [job for job in jobs if not job.target.is_file()]
+    todo = [job for job in jobs if not output_is_whole(job.target)]
     skipped = len(jobs) - len(todo)
+    remove_leftovers(job.target for job in todo)
     failures: list[tuple[Path, str]] = []
     queue: asyncio.Queue[FileJob] = asyncio.Queue()
     for job in todo:
@@ -55,9 +79,11 @@ async def remove_all(
         while not queue.empty():
             job = queue.get_nowait()
             try:
-                result = await client.remove(job.source, options)
+                data = await asyncio.to_thread(_read_bounded, job.source, max_upload_bytes)
+                result = await client.remove(data, options)
                 await asyncio.to_thread(write_atomic, job.target, result.data)
-            except (ApiError, httpx.HTTPError, OSError) as exc:
+            # ValueError: an answer the client could not read (a bad X-Width, ...).
+            except (ApiError, httpx.HTTPError, OSError, ValueError) as exc:
                 failures.append((job.source, _describe(exc)))
                 bar.set_postfix(failed=len(failures))
             bar.update(1)
@@ -111,7 +137,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     try:
         options = options_from(args)
         jobs = plan(args.inputs, args.output, "." + options.format)
-    except (FileNotFoundError, OptionsError) as exc:
+    except (FileNotFoundError, OptionsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -124,7 +150,12 @@ def cmd_remove(args: argparse.Namespace) -> int:
             max_connections=args.concurrency,
         ) as client:
             return await remove_all(
-                jobs, client, options, args.concurrency, progress=not args.quiet
+                jobs,
+                client,
+                options,
+                args.concurrency,
+                progress=not args.quiet,
+                max_upload_bytes=args.max_upload_bytes,
             )
 
     done, skipped, failures = asyncio.run(run())
@@ -175,7 +206,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     )
     try:
         return main_run(args.input, args.output, config, args.address)
-    except (FileNotFoundError, ModelUnavailable) as exc:
+    # ValueError: the plan refused the run (PlanRefused), before any work.
+    except (FileNotFoundError, ModelUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -273,6 +305,13 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("-c", "--concurrency", type=int, default=8)
     remove.add_argument("--retries", type=int, default=5, help="on 503 and network errors")
     remove.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    remove.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=Limits().max_upload_bytes,
+        metavar="N",
+        help="a larger file is a failure, not sent: the service's limit (%(default)s)",
+    )
     add_option_flags(remove)
     remove.set_defaults(func=cmd_remove)
 

@@ -1,5 +1,7 @@
 """Bulk mode (``rembg-serve batch``) on a small local Ray: a folder end to end, the
-endpoint's pixels, a killed run resumed.
+endpoint's pixels, a killed run resumed, the files a run must not lose (a user's
+``.part`` files, broken outputs redone), the pixel budget, any per-image error a
+failure line.
 
 Ray Data runs the real pipeline here: the embedded model in an actor, the
 service's stages, files read and written on disk.
@@ -33,11 +35,12 @@ from conftest import (
     image_bytes,
     load_image,
 )
-from deployments.bulk import BulkConfig, run
+from deployments.bulk import BulkConfig, Cutter, Job, run
 from deployments.bulk_report import FAILURES_NAME, iter_failures
+from deployments.cli import main
 from deployments.decode import Limits
 from deployments.options import CutoutOptions, Fidelity
-from deployments.settings import AppSettings
+from deployments.settings import AppSettings, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +177,74 @@ def test_a_killed_run_resumes_without_redoing_anything(local_ray: str, tmp_path:
     assert {p: p.stat().st_mtime_ns for p in before} == before, "a finished image was redone"
     assert len(list(out.rglob("*.png"))) == 24
     assert not list(out.rglob("*.part"))
+
+
+def test_batch_keeps_user_files_redoes_broken_outputs_and_stays_within_its_budget(
+    local_ray: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    photo = load_image(FIXTURES / "car-1.jpg").convert("RGB").resize((400, 300))  # 0.12 MP
+    for name in ("a", "b", "c", "d", "sub/e", "blocked/f"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        photo.save(src / f"{name}.jpg", quality=90)
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.part").write_text("a user's notes")
+    (out / "sub" / "dl.part").write_text("a download in progress")
+    (out / "a.png").write_bytes(b"")  # left empty by a power loss
+    (out / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")
+    (out / "blocked").write_text("a file where a folder of outputs would go")
+    # A budget of 0.2 MP: a batch of 4 (0.48 MP) must be decoded a part at a time.
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(
+        "applications:\n  - import_path: deployments.serve_app:build_app\n    args:\n"
+        "      pixel_budget: 200000\n      limits: {max_pixels: 150000}\n"
+    )
+    args = ["batch", str(src), str(out), "--address", local_ray, "--config", str(config)]
+
+    assert main([*args, "--batch-size", "4", "-q"]) == 1
+
+    printed = capsys.readouterr().out
+    assert "5 done, 0 already there, 1 failed" in printed
+    assert "at most 0.1 MP decoded at once by a call" in printed, printed
+    assert (out / "notes.part").read_text() == "a user's notes"
+    assert (out / "sub" / "dl.part").read_text() == "a download in progress"
+    for name in ("a", "b", "c", "d", "sub/e"):
+        assert load_image(out / f"{name}.png").size == (400, 300)
+    # The write that could not be made is that image's failure line.
+    (failure,) = iter_failures(str(out))
+    assert failure["path"].endswith("blocked/f.jpg") and failure["status"] == 500
+    assert "could not read or write" in failure["message"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".rembg-serve.part")]
+
+
+def test_a_model_error_of_any_kind_is_its_images_failure(local_ray: str, tmp_path: Path) -> None:
+    # The model cannot be made to fail on demand: its predict is replaced by one
+    # that raises an error that is not InferenceFailed (a fault injected here).
+    sources = []
+    for name in ("a", "b"):
+        sources.append(str(tmp_path / f"{name}.png"))
+        gradient(64, 48).save(sources[-1])
+    settings = AppSettings()
+    job = Job(
+        input_uri=str(tmp_path),
+        output_uri=str(tmp_path / "out"),
+        options=CutoutOptions(),
+        fmt="png",
+        limits=settings.limits,
+        png_compress_level=settings.png_compress_level,
+        refine=settings.refine,
+        fidelity="exact",
+        pixel_budget=settings.pixel_budget,
+    )
+    cutter = Cutter(ModelConfig(name="u2netp").model_dump(mode="json"), 0.0, 2, 1, job)
+
+    def broken(images: object) -> object:
+        raise ValueError("shapes do not match")
+
+    cutter.model.predict = broken  # type: ignore[method-assign,assignment]
+    targets = [str(tmp_path / "out" / f"{name}.png") for name in ("a", "b")]
+    rows = cutter({"source": np.array(sources, dtype=object), "target": np.array(targets)})
+    assert list(rows["status"]) == [500, 500]
+    assert list(rows["message"]) == ["ValueError", "ValueError"]
+    assert not (tmp_path / "out").exists()
+    assert cutter.budget.free == settings.pixel_budget

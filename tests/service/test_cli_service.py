@@ -84,3 +84,25 @@ def test_result_is_a_cutout_of_the_car(service: Service, tmp_path: Path) -> None
     alpha = np.asarray(Image.open(io.BytesIO((out / "car-1.png").read_bytes())).getchannel("A"))
     # The background is cut away, the car kept (u2netp's mask is soft: >= 240 counts).
     assert (alpha == 0).mean() > 0.1 and (alpha >= 240).mean() > 0.1
+
+
+def test_remove_into_its_own_input_folder_and_an_empty_output_redone(
+    service: Service, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.png"):
+        gradient().save(photos / name)
+    out = photos / "out"
+    args = ["remove", str(photos), "-o", str(out), "--url", service.url, "-q"]
+    assert main(args) == 0
+    assert "2 done, 0 already there" in capsys.readouterr().out
+    # A rerun reads neither the outputs inside the input folder nor writes out/out/.
+    assert main(args) == 0
+    assert "0 done, 2 already there, 0 failed" in capsys.readouterr().out
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.png", "b.png"]
+    # An output a power loss left empty is not done: it is sent again.
+    (out / "a.png").write_bytes(b"")
+    assert main(args) == 0
+    assert "1 done, 1 already there, 0 failed" in capsys.readouterr().out
+    assert load_image(out / "a.png").size == (64, 48)

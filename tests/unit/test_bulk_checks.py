@@ -1,14 +1,18 @@
-"""Bulk mode without Ray: arguments refused before Ray starts, the pixel budget."""
+"""Bulk mode without Ray: arguments refused before Ray starts, the plan (nesting,
+temporaries, names, resumes), the pixel budget."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
+from conftest import gradient
+from deployments import bulk_plan
 from deployments.admission import PixelBudget
 from deployments.cli import main
+from deployments.files import PlanRefused, partial_name
 
 
 def test_cli_refuses_bad_arguments(
@@ -47,3 +51,107 @@ def test_pixel_budget_waits_for_room_and_takes_at_most_all_of_it() -> None:
     with budget.hold_sync(10**9):
         assert budget.free == 0
     assert budget.free == 100
+
+
+def _image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gradient(16, 12).save(path)
+    return path
+
+
+def test_plan_deletes_only_its_own_leftovers(tmp_path: Path) -> None:
+    _image(tmp_path / "in" / "sub" / "x.jpg")
+    out = tmp_path / "out"
+    users = [out / "notes.part", out / "sub" / "dl.part", out / "sub" / "x.png.part"]
+    for path in users:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a user's")
+    leftover = out / "sub" / partial_name("x.png")
+    leftover.write_bytes(b"half")
+    work = bulk_plan.plan(str(tmp_path / "in"), str(out), ".png")
+    assert [Path(t).relative_to(out).as_posix() for _, t in work.todo] == ["sub/x.png"]
+    assert not leftover.exists() and all(p.read_bytes() == b"a user's" for p in users)
+
+
+def test_plan_with_the_input_inside_the_output_or_around_it(tmp_path: Path) -> None:
+    shots = tmp_path / "shots"
+    _image(shots / "raw" / "a.jpg")
+    # batch shots/raw shots: the outputs beside raw/, never a silent no-op.
+    work = bulk_plan.plan(str(shots / "raw"), str(shots), ".png")
+    assert work.todo == [(str(shots / "raw" / "a.jpg"), str(shots / "a.png"))]
+    # An output folder inside the input: its files are not inputs.
+    _image(shots / "raw" / "out" / "old.png")
+    work = bulk_plan.plan(str(shots / "raw"), str(shots / "raw" / "out"), ".png")
+    assert [src for src, _ in work.todo] == [str(shots / "raw" / "a.jpg")]
+    # One output would land in the input (raw/raw/b.jpg -> shots/raw/b.png): refused.
+    _image(shots / "raw" / "raw" / "b.jpg")
+    with pytest.raises(PlanRefused, match="inside INPUT"):
+        bulk_plan.plan(str(shots / "raw"), str(shots), ".png")
+    with pytest.raises(PlanRefused, match="inside INPUT"):
+        bulk_plan.plan(str(shots), str(shots), ".png")
+
+
+def test_batch_refuses_nesting_with_a_message_before_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _image(tmp_path / "shots" / "a.jpg")
+    assert main(["batch", str(tmp_path / "shots"), str(tmp_path / "shots"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "inside INPUT" in err and "choose an OUTPUT outside INPUT" in err
+    assert sorted(p.name for p in (tmp_path / "shots").iterdir()) == ["a.jpg"]
+
+
+def test_a_key_with_dots_never_maps_outside_the_output() -> None:
+    inputs = [
+        ("b/in/ok.jpg", PurePosixPath("ok.jpg")),
+        ("b/in/../../x.jpg", PurePosixPath("../../x.jpg")),
+        ("b/in/a/../y.jpg", PurePosixPath("a/../y.jpg")),
+        ("b/in//z.jpg", PurePosixPath("/z.jpg")),
+    ]
+    pairs, refused = bulk_plan.map_outputs(inputs, "b/out", ".png")
+    assert pairs == [("b/in/ok.jpg", "b/out/ok.png")]
+    assert [(src, status) for src, status, _ in refused] == [(s, 400) for s, _ in inputs[1:]]
+    assert all("would leave OUTPUT" in message for _, _, message in refused)
+
+
+def test_a_glob_follows_a_symlink_out_of_its_folder(tmp_path: Path) -> None:
+    outside = _image(tmp_path / "elsewhere" / "e.jpg")
+    _image(tmp_path / "g" / "a.jpg")
+    (tmp_path / "g" / "link.jpg").symlink_to(outside)
+    found = bulk_plan.list_inputs(str(tmp_path / "g" / "*.jpg"))
+    assert [rel.as_posix() for _, rel in found] == ["a.jpg", "link.jpg"]
+    # A match the glob reaches through ".." is a failure line of the plan, not a crash.
+    (tmp_path / "g" / "sub").mkdir()
+    pattern = tmp_path / "g" / "*" / ".." / ".." / "elsewhere" / "*.jpg"
+    work = bulk_plan.plan(str(pattern), str(tmp_path / "o"), ".png")
+    assert work.todo == []
+    assert [(Path(src).name, status) for src, status, _ in work.refused] == [("e.jpg", 400)]
+
+
+def test_an_empty_or_undecodable_output_is_redone(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        _image(tmp_path / "in" / f"{name}.jpg")
+    out = tmp_path / "out"
+    _image(out / "a.png")
+    (out / "b.png").write_bytes(b"")
+    (out / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n then nothing")
+    work = bulk_plan.plan(str(tmp_path / "in"), str(out), ".png")
+    assert work.skipped == 1
+    assert [Path(t).name for _, t in work.todo] == ["b.png", "c.png"]
+
+
+@pytest.mark.parametrize(
+    ("pixels", "groups"),
+    [
+        ([40, 40, 40, 40], [[0, 1], [2, 3]]),
+        ([100, 10, 90, 5], [[0], [1, 2], [3]]),
+        ([30, 30, 30], [[0, 1, 2]]),
+        ([], []),
+    ],
+)
+def test_a_batch_is_decoded_in_groups_within_the_budget(
+    pixels: list[int], groups: list[list[int]]
+) -> None:
+    got = bulk_plan.budget_groups(pixels, 100)
+    assert got == groups
+    assert all(sum(pixels[i] for i in group) <= 100 for group in got)
