@@ -104,8 +104,8 @@ class Admission:
             why = (
                 f"{taken} {self.what} in progress, the most this replica takes"
                 if full
-                else f"a request now would finish in about {expected:.0f}s, over the "
-                f"{self.deadline_s:.0f}s deadline"
+                else f"{self.in_flight} {self.what} in flight; one more would finish in "
+                f"about {expected:.0f}s, over the {self.deadline_s:.0f}s deadline"
             )
             raise Overloaded(f"busy: {why}; retry in {drain_s}s", retry_after_s=drain_s)
 
