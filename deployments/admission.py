@@ -59,6 +59,7 @@ class Admission:
         window: int = 32,
         max_in_flight: int | None = None,
         what: str = "requests",
+        measured_after: int | None = None,
     ) -> None:
         self.deadline_s = deadline_s
         # What it admits, in its refusals ("requests", "refinements").
@@ -76,15 +77,19 @@ class Admission:
         self._busy_s = 0.0
         self._busy_since: float | None = None
         self._completions: deque[float] = deque(maxlen=window)
+        # Completions before the measured rate replaces ``initial_rate`` (the
+        # whole window unless told: for slow work, whose first estimate is rough).
+        self.measured_after = max(2, min(window, measured_after or window))
 
     def _busy_clock(self) -> float:
         running = 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
         return self._busy_s + running
 
     def rate(self) -> float:
-        """Completions per busy second (the measured one once the window is full)."""
+        """Completions per busy second (the measured one once ``measured_after``
+        completions are in)."""
         done = self._completions
-        if len(done) == done.maxlen and done[-1] > done[0]:
+        if len(done) >= self.measured_after and done[-1] > done[0]:
             return (len(done) - 1) / (done[-1] - done[0])
         return self.initial_rate
 

@@ -52,7 +52,8 @@ WEBP_MAX_SIDE = 16383
 # Until refinements are measured, one takes this long (matting 1 MP on 2 cores
 # took ~10 s cold, ~2.5 s warm at 12 MP): few are admitted before the rate is known.
 REFINE_INITIAL_S = 10.0
-# Refinements completed that their rate is measured over: few, as they are slow.
+# Refinements completed that their rate is measured over: few, as they are slow
+# (measured from the second on).
 REFINE_WINDOW = 4
 
 
@@ -140,7 +141,11 @@ class Remover:
         # that queue's own drain time, so that a flood of them is refused once it
         # cannot finish in time, and plain requests never wait behind them.
         self.refine_admission = Admission(
-            config.deadline_s, 1 / REFINE_INITIAL_S, REFINE_WINDOW, what="refinements"
+            config.deadline_s,
+            1 / REFINE_INITIAL_S,
+            REFINE_WINDOW,
+            what="refinements",
+            measured_after=2,
         )
         # A refinement's turn on the refine threads, taken before it decodes:
         # one waiting for its turn holds its compressed bytes only, not pixels.

@@ -52,6 +52,17 @@ def test_check_refuses_without_counting_and_reading_counts_against_the_cap_only(
         admission.check()
 
 
+def test_a_rate_can_be_measured_before_its_window_is_full() -> None:
+    admission = Admission(deadline_s=30, initial_rate=0.1, window=4, measured_after=2)
+    admission.admit()
+    admission.release(completed=True)
+    assert admission.rate() == 0.1  # one completion: no interval yet
+    admission.admit()
+    time.sleep(0.1)
+    admission.release(completed=True)
+    assert 5 <= admission.rate() <= 11, admission.rate()
+
+
 def test_when_done_waits_for_every_future_and_runs_once() -> None:
     calls: list[str] = []
     done: Future[None] = Future()
