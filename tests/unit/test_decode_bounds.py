@@ -10,36 +10,22 @@ import io
 import struct
 import time
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURES, gradient, image_bytes
+from conftest import (
+    FIXTURES,
+    gradient,
+    image_bytes,
+    png_chunk,
+    progressive_jpeg,
+    with_chunks,
+    ztxt,
+)
 from deployments.decode import MAX_JPEG_SCANS, Limits, decode, jpeg_scans, probe
 from deployments.errors import UnsupportedImage
-
-
-def progressive_jpeg(side: int = 2000, extra_scans: int = 0) -> bytes:
-    """A flat progressive JPEG (10 scans) with its last scan repeated ``extra_scans``
-    times before EOI: libjpeg decodes every copy over the whole image."""
-    data = image_bytes(Image.new("RGB", (side, side), (120, 130, 140)), "JPEG", progressive=True)
-    last = data.rfind(b"\xff\xda")
-    return data[:-2] + data[last:-2] * extra_scans + b"\xff\xd9"
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def with_text(png: bytes, *chunks: bytes) -> bytes:
-    """``png`` with ``chunks`` inserted after IHDR (8-byte signature + 25-byte IHDR)."""
-    return png[:33] + b"".join(chunks) + png[33:]
-
-
-def ztxt(key: bytes, text: bytes) -> bytes:
-    return png_chunk(b"zTXt", key + b"\0\0" + zlib.compress(text, 9))
 
 
 def test_scans_are_counted_by_walking_segments() -> None:
@@ -85,7 +71,7 @@ def test_jpeg_at_the_scan_bound_decodes() -> None:
 def test_ztxt_bomb_is_skipped_unread() -> None:
     png = image_bytes(Image.new("RGB", (1, 1)), "PNG")
     # 63 chunks of 1 MiB inflated: Pillow alone held 63 MiB and spent ~0.65 s.
-    bomb = with_text(png, *[ztxt(b"Comment", b"a" * (1 << 20))] * 63)
+    bomb = with_chunks(png, *[ztxt(b"Comment", b"a" * (1 << 20))] * 63)
     assert len(bomb) < 100_000
     tracemalloc.start()
     try:
@@ -103,7 +89,7 @@ def test_ztxt_bomb_is_skipped_unread() -> None:
 def test_kept_text_is_bounded() -> None:
     """The keys orientation is read from are inflated, but at most 4 MiB in all."""
     png = image_bytes(Image.new("RGB", (1, 1)), "PNG")
-    bomb = with_text(png, *[ztxt(b"Raw profile type exif", b"0" * (1 << 20))] * 63)
+    bomb = with_chunks(png, *[ztxt(b"Raw profile type exif", b"0" * (1 << 20))] * 63)
     started = time.perf_counter()
     with pytest.raises(UnsupportedImage):
         decode(bomb, Limits())
@@ -117,18 +103,18 @@ def test_orientation_in_png_text_is_still_applied() -> None:
     raw = exif.tobytes()
     text = f"\nexif\n{len(raw):8d}\n".encode() + raw.hex().encode() + b"\n"
     png = image_bytes(gradient(40, 20), "PNG")
-    rotated = decode(with_text(png, ztxt(b"Raw profile type exif", text)), Limits())
+    rotated = decode(with_chunks(png, ztxt(b"Raw profile type exif", text)), Limits())
     assert rotated.size == (20, 40)
     # And XMP's tiff:Orientation in an iTXt.
     xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
     itxt = png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
-    assert decode(with_text(png, itxt), Limits()).size == (20, 40)
+    assert decode(with_chunks(png, itxt), Limits()).size == (20, 40)
 
 
 def test_text_is_not_kept_in_the_decoded_image() -> None:
     png = image_bytes(gradient(8, 8), "PNG")
     text = png_chunk(b"tEXt", b"workflow\0" + b"{}" * 100_000)
-    img = decode(with_text(png, text), Limits())
+    img = decode(with_chunks(png, text), Limits())
     assert "workflow" not in img.info
     assert np.array_equal(np.asarray(img), np.asarray(gradient(8, 8)))
 
