@@ -196,10 +196,12 @@ def _translated(limits: Limits) -> Iterator[None]:
             "the body is not an image in a supported format "
             f"({', '.join(f.lower() for f in ALLOWED_FORMATS)})"
         ) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as exc:
         # Pillow's plugins are not uniform: truncated or corrupt data surfaces as
         # any of these (struct.error and IndexError from header parsing in TIFF,
-        # BMP and GIF). MemoryError is not caught: the limits above prevent it.
+        # BMP and GIF; TypeError from a TIFF whose strip offsets are typed FLOAT,
+        # found by fuzzing: a 500 with a traceback before). MemoryError is not
+        # caught: the limits above prevent it.
         raise UnsupportedImage("the image is truncated or corrupt") from exc
 
 

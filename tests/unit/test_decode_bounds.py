@@ -130,3 +130,16 @@ def test_nan_and_infinity_in_a_float_image() -> None:
     assert gray[2, :5].tolist() == [0] * 5  # -inf: black
     # The finite values keep their scale: the largest finite one is white.
     assert gray[3, -1] == 255 and gray[3, 25] == round(255 * values[3, 25] / 2)
+
+
+def test_tiff_with_float_strip_offsets_is_a_415() -> None:
+    """Pillow raises TypeError on it (seek to a float); found by fuzzing decode."""
+    data = bytearray(image_bytes(gradient(8, 8), "TIFF"))
+    assert data[:2] == b"II"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, at + 2, 11)  # typed FLOAT instead of LONG
+    with pytest.raises(UnsupportedImage, match="truncated or corrupt"):
+        decode(bytes(data), Limits())
