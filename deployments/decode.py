@@ -40,6 +40,10 @@ Image.init()
 # component at most: 64 leaves room for any encoder's script while bounding the decode
 # at ~6 times a normal progressive one (~2 s at 50 MP on one core).
 MAX_JPEG_SCANS = 64
+# Segments walked at most when counting scans: a legitimate JPEG has tens (a few
+# hundred with a chunked ICC profile or extended XMP); 25 MiB of empty 4-byte
+# segments would make the walk itself cost seconds.
+MAX_JPEG_SEGMENTS = 4096
 # A marker after 0xFF: not 0x00 (a stuffed 0xFF byte in entropy-coded data), not a
 # restart marker (D0-D7, which may sit inside a scan's data), not a fill byte (FF).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
@@ -142,21 +146,26 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
         raise UnsupportedImage("the request body is empty; send an image")
     img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     _check_size(img.size, limits)
-    if img.format in ("JPEG", "MPO"):
-        scans = jpeg_scans(data, MAX_JPEG_SCANS)
-        if scans > MAX_JPEG_SCANS:
-            # 415, not 413: the image is not too large; this JPEG's structure is one
-            # the service does not take. Re-encoding it gives an acceptable file.
-            raise UnsupportedImage(
-                f"the JPEG has over {MAX_JPEG_SCANS} scans; at most {MAX_JPEG_SCANS} are "
-                "accepted (re-encode it)"
-            )
+    # Every SOS marker is an FF DA in the bytes, so a file with no more FF DA than
+    # the bound needs no walk (the usual case: one C-speed count).
+    if (
+        img.format in ("JPEG", "MPO")
+        and data.count(b"\xff\xda") > MAX_JPEG_SCANS
+        and jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS
+    ):
+        # 415, not 413: the image is not too large; this JPEG's structure is one
+        # the service does not take. Re-encoding it gives an acceptable file.
+        raise UnsupportedImage(
+            f"the JPEG has over {MAX_JPEG_SCANS} scans (or {MAX_JPEG_SEGMENTS} "
+            f"segments); at most {MAX_JPEG_SCANS} are accepted (re-encode it)"
+        )
     return img
 
 
-def jpeg_scans(data: bytes, stop: int) -> int:
+def jpeg_scans(data: bytes, stop: int, max_segments: int = MAX_JPEG_SEGMENTS) -> int:
     """Start-of-scan (SOS) markers in the first image of the JPEG stream ``data``,
-    counted up to ``stop + 1``.
+    counted up to ``stop + 1``; ``stop + 1`` also when over ``max_segments``
+    segments come before the end.
 
     Walks the marker segments as libjpeg does: a segment is skipped by its length,
     and after a scan's header the entropy-coded data up to the next marker, where an
@@ -166,7 +175,9 @@ def jpeg_scans(data: bytes, stop: int) -> int:
     """
     scans = 0
     pos = 2  # after SOI, which Pillow has checked
-    while scans <= stop:
+    for _ in range(max_segments):
+        if scans > stop:
+            return scans
         found = _JPEG_MARKER.search(data, pos)
         if found is None:
             break
@@ -181,6 +192,8 @@ def jpeg_scans(data: bytes, stop: int) -> int:
         if length < 2:
             break  # corrupt: libjpeg stops here too
         pos += length
+    else:
+        return stop + 1
     return scans
 
 

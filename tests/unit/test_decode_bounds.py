@@ -58,6 +58,17 @@ def test_scan_bomb_is_refused_before_decoding(step: object) -> None:
     assert time.perf_counter() - started < 0.5
 
 
+def test_thousands_of_empty_segments_are_refused_quickly() -> None:
+    """The walk is bounded too: 25 MiB of 4-byte comments would cost it seconds."""
+    jpeg = progressive_jpeg(64)
+    comments = b"\xff\xfe\x00\x02" * 1_000_000
+    bomb = jpeg[:-2] + comments + b"\xff\xda" * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    started = time.perf_counter()
+    with pytest.raises(UnsupportedImage, match="segments"):
+        probe(bomb, Limits())
+    assert time.perf_counter() - started < 0.2
+
+
 def test_jpeg_at_the_scan_bound_decodes() -> None:
     at_bound = progressive_jpeg(64, extra_scans=MAX_JPEG_SCANS - 10)
     assert jpeg_scans(at_bound, MAX_JPEG_SCANS) == MAX_JPEG_SCANS
