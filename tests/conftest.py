@@ -8,7 +8,9 @@ only change is a free port (deployments.bench.harness, shared with the benchmark
 from __future__ import annotations
 
 import io
+import struct
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,6 +117,28 @@ def gradient(width: int = 64, height: int = 48, mode: str = "RGB") -> Image.Imag
         [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1
     ).astype(np.uint8)
     return Image.fromarray(rgb, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(rgb)
+
+
+def progressive_jpeg(side: int = 2000, extra_scans: int = 0) -> bytes:
+    """A flat progressive JPEG (10 scans) with its last scan repeated ``extra_scans``
+    times before EOI (a scan bomb): libjpeg decodes every copy over the whole image."""
+    data = image_bytes(Image.new("RGB", (side, side), (120, 130, 140)), "JPEG", progressive=True)
+    last = data.rfind(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra_scans + b"\xff\xd9"
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def with_chunks(png: bytes, *chunks: bytes) -> bytes:
+    """``png`` with ``chunks`` inserted after IHDR (8-byte signature + 25-byte IHDR)."""
+    return png[:33] + b"".join(chunks) + png[33:]
+
+
+def ztxt(key: bytes, text: bytes) -> bytes:
+    """A zTXt chunk: ``text`` deflated under ``key``."""
+    return png_chunk(b"zTXt", key + b"\0\0" + zlib.compress(text, 9))
 
 
 @pytest.fixture(scope="session")
