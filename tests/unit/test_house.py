@@ -148,3 +148,18 @@ def test_product_modules_are_short_or_say_why(module: str) -> None:
         f"{module} has {lines} lines; split it, or say in its docstring's first "
         f"paragraph why it is {LONG_REASON} ..."
     )
+
+
+def test_ci_runs_every_slow_suite() -> None:
+    """Each file of the slow tier is named by a `slow` line of .ci/run: a new suite
+    cannot be left out of CI by forgetting it there."""
+    run = (ROOT / ".ci" / "run").read_text()
+    named = {
+        word
+        for line in run.splitlines()
+        if line.startswith("slow ")
+        for word in line.split()
+        if word.startswith("tests/slow/")
+    }
+    files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests" / "slow").glob("test_*.py")}
+    assert files == named
