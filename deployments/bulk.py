@@ -39,14 +39,13 @@ from ray.data import ActorPoolStrategy, DataContext
 from deployments.admission import PixelBudget
 from deployments.bulk_plan import Plan, budget_groups, filesystem, plan
 from deployments.bulk_report import Summary, report, write_failures
-from deployments.compose import RefineLimits
 from deployments.decode import Limits, probe
 from deployments.errors import PayloadTooLarge, ServiceError
 from deployments.files import write_atomic
 from deployments.memory import reuse_image_memory
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, Fidelity, OutputFormat
-from deployments.pipeline import Prepared, finish, prepare
+from deployments.pipeline import ImageSettings, Prepared, finish, prepare
 from deployments.runtime import use_gpu_for
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
@@ -83,17 +82,14 @@ def _read(fs: pafs.FileSystem, path: str, limits: Limits) -> bytes:
 
 @dataclass(frozen=True)
 class Job:
-    """What every image of a run gets: the cut-out, its format and the limits."""
+    """What every image of a run gets: the cut-out, its format, how it is decoded
+    and finished."""
 
     input_uri: str
     output_uri: str
     options: CutoutOptions
     fmt: OutputFormat
-    limits: Limits
-    png_compress_level: int
-    refine: RefineLimits
-    fidelity: Fidelity
-    pixel_budget: int
+    image: ImageSettings
 
 
 class Cutter:
@@ -133,8 +129,8 @@ class Cutter:
         self.source_fs, _ = filesystem(job.input_uri)
         self.target_fs, _ = filesystem(job.output_uri)
         self.model_lock = threading.Lock()
-        self.budget = PixelBudget(job.pixel_budget)
-        reuse_image_memory(job.pixel_budget)
+        self.budget = PixelBudget(job.image.pixel_budget)
+        reuse_image_memory(job.image.pixel_budget)
         self.actor = context.get_actor_id() or f"pid {os.getpid()}"
         logger.info(
             "model %s: %s, batch shapes %s, loaded in %.2fs, warm in %.2fs",
@@ -156,8 +152,8 @@ class Cutter:
         files: dict[int, bytes] = {}
         for i, source in enumerate(batch["source"]):
             try:
-                files[i] = _read(self.source_fs, str(source), job.limits)
-                width, height = probe(files[i], job.limits)
+                files[i] = _read(self.source_fs, str(source), job.image.limits)
+                width, height = probe(files[i], job.image.limits)
                 pixels[i] = width * height
             except Exception as exc:  # one bad file fails alone
                 files.pop(i, None)
@@ -193,7 +189,7 @@ class Cutter:
         prepared: dict[int, Prepared] = {}
         for i, data in files.items():
             try:
-                prepared[i] = prepare(data, self.model.spec, job.limits)
+                prepared[i] = prepare(data, self.model.spec, job.image.limits)
             except Exception as exc:  # one bad file fails alone
                 status[i], message[i] = _failure(exc)
         files.clear()
@@ -215,9 +211,9 @@ class Cutter:
                     mask,
                     job.options,
                     job.fmt,
-                    job.png_compress_level,
-                    job.refine,
-                    job.fidelity,
+                    job.image.png_compress_level,
+                    job.image.refine,
+                    job.image.fidelity,
                 ).body
                 del image
                 write_atomic(str(batch["target"][i]), body, self.target_fs)
@@ -294,11 +290,7 @@ def run(input_uri: str, output_uri: str, config: BulkConfig, work: Plan | None =
             output_uri=output_uri,
             options=config.options,
             fmt=config.fmt,
-            limits=settings.limits,
-            png_compress_level=settings.png_compress_level,
-            fidelity=config.fidelity or settings.fidelity,
-            refine=settings.refine,
-            pixel_budget=settings.pixel_budget,
+            image=ImageSettings.of(settings, config.fidelity),
         )
         dataset = ray.data.from_items(
             [{"source": s, "target": t} for s, t in work.todo],

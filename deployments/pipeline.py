@@ -25,6 +25,31 @@ from deployments.preprocess import model_input
 
 if TYPE_CHECKING:  # the ingress runs these stages without ONNX Runtime
     from deployments.infer import OnnxModel
+    from deployments.settings import AppSettings
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How each image is decoded and finished, by whichever runs the stages: an
+    ingress replica (``service.Remover``) or a bulk actor (``bulk.Cutter``)."""
+
+    limits: Limits
+    png_compress_level: int
+    refine: RefineLimits
+    # What a request that names no fidelity gets.
+    fidelity: Fidelity
+    # Decoded pixels held at once, decode to encode.
+    pixel_budget: int
+
+    @classmethod
+    def of(cls, settings: AppSettings, fidelity: Fidelity | None = None) -> ImageSettings:
+        return cls(
+            limits=settings.limits,
+            png_compress_level=settings.png_compress_level,
+            refine=settings.refine,
+            fidelity=fidelity or settings.fidelity,
+            pixel_budget=settings.pixel_budget,
+        )
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ import numpy as np
 import numpy.typing as npt
 
 from deployments.admission import Admission, PixelBudget, when_done
-from deployments.compose import RefineLimits, warm_refine
-from deployments.decode import Limits, probe
+from deployments.compose import warm_refine
+from deployments.decode import probe
 from deployments.errors import PayloadTooLarge, UnknownModel
 from deployments.memory import IdleTrimmer, reuse_image_memory
 from deployments.models import spec_for
 from deployments.options import CutoutOptions, Fidelity, OutputFormat
-from deployments.pipeline import finish, prepare, sample_jpeg
+from deployments.pipeline import ImageSettings, finish, prepare, sample_jpeg
 from deployments.refine import compile_refiners_aside, quiet_for
 
 if TYPE_CHECKING:
@@ -94,26 +94,17 @@ class RemoverConfig:
     """What ``Remover`` reads of the application's settings."""
 
     default_model: str
-    limits: Limits
-    png_compress_level: int
-    refine: RefineLimits
-    pixel_budget: int
+    image: ImageSettings
     refine_concurrency: int
     deadline_s: float
-    # A request that names no fidelity gets this one.
-    fidelity: Fidelity = "exact"
 
     @classmethod
     def of(cls, settings: AppSettings) -> RemoverConfig:
         return cls(
             default_model=settings.default_model_name,
-            limits=settings.limits,
-            png_compress_level=settings.png_compress_level,
-            refine=settings.refine,
-            pixel_budget=settings.pixel_budget,
+            image=ImageSettings.of(settings),
             refine_concurrency=settings.refine_concurrency,
             deadline_s=settings.deadline_s,
-            fidelity=settings.fidelity,
         )
 
 
@@ -134,8 +125,8 @@ class Remover:
         self.refine_pool = ThreadPoolExecutor(
             config.refine_concurrency, thread_name_prefix="refine"
         )
-        self.budget = PixelBudget(config.pixel_budget)
-        reuse_image_memory(config.pixel_budget)
+        self.budget = PixelBudget(config.image.pixel_budget)
+        reuse_image_memory(config.image.pixel_budget)
         self.refine_state: dict[str, object] = {"warm": False}
         # Until the warm-up times one image: ten in the deadline.
         self.admission = Admission(
@@ -237,7 +228,7 @@ class Remover:
         on threads (see ``serve``)."""
         name = name or self.model_name(job)
         running = [] if running is None else running
-        limits, level = self.config.limits, self.config.png_compress_level
+        limits, level = self.config.image.limits, self.config.image.png_compress_level
         started = time.perf_counter()
         width, height = await self.on_thread(self.pool, running, partial(probe, job.data, limits))
         if job.format == "webp" and max(width, height) > WEBP_MAX_SIDE:
@@ -268,8 +259,8 @@ class Remover:
                     job.options,
                     job.format,
                     level,
-                    self.config.refine,
-                    job.fidelity or self.config.fidelity,
+                    self.config.image.refine,
+                    job.fidelity or self.config.image.fidelity,
                 ),
             )
             del prepared
@@ -285,7 +276,7 @@ class Remover:
         Its time is the admission's first rate estimate. Best effort: a model that
         cannot answer fails its own replica's start.
         """
-        data = sample_jpeg(self.config.limits)
+        data = sample_jpeg(self.config.image.limits)
         rates = []
         for name in self.models:
             job = Job(data, name, CutoutOptions())

@@ -40,6 +40,7 @@ from deployments.bulk_report import FAILURES_NAME, iter_failures
 from deployments.cli import main
 from deployments.decode import Limits
 from deployments.options import CutoutOptions, Fidelity
+from deployments.pipeline import ImageSettings
 from deployments.settings import AppSettings, ModelConfig
 
 
@@ -230,11 +231,7 @@ def test_a_model_error_of_any_kind_is_its_images_failure(local_ray: str, tmp_pat
         output_uri=str(tmp_path / "out"),
         options=CutoutOptions(),
         fmt="png",
-        limits=settings.limits,
-        png_compress_level=settings.png_compress_level,
-        refine=settings.refine,
-        fidelity="exact",
-        pixel_budget=settings.pixel_budget,
+        image=ImageSettings.of(settings, "exact"),
     )
     cutter = Cutter(ModelConfig(name="u2netp").model_dump(mode="json"), 0.0, 2, 1, job)
 
