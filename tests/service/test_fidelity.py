@@ -29,7 +29,7 @@ from deployments.options import (
     parse,
 )
 from deployments.pipeline import finish
-from deployments.service import Job, Remover
+from deployments.service import Job, Remover, RemoverConfig
 from deployments.settings import AppSettings
 
 # The photo whose generated cases (each kind of input at 0.3 MP) the test runs too:
@@ -120,7 +120,9 @@ def test_the_request_option_overrides_the_service_setting() -> None:
     assert want["exact"] != want["fast"]
 
     async def served(setting: Fidelity, asked: Fidelity | None) -> bytes:
-        remover = Remover(AppSettings(fidelity=setting), {"u2netp": SoftMask()}, threads=1)
+        remover = Remover(
+            RemoverConfig.of(AppSettings(fidelity=setting)), {"u2netp": SoftMask()}, threads=1
+        )
         try:
             return (await remover.remove(Job(data, None, CutoutOptions(), "png", asked))).body
         finally:
