@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeStatus
 
 from deployments.admission import images_in_flight
-from deployments.api import HttpSettings, build_api
+from deployments.api import HttpSettings, api_key_from, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
 from deployments.preprocess import unpack_mask
@@ -138,16 +138,13 @@ class Ingress:
         self.settings = AppSettings.model_validate(settings)
         self.handles = models
         self.metrics = IngressMetrics()
-        api_key = self.settings.api_key or (
-            os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
-        )
-        if self.settings.api_key_env and not api_key:
-            raise RuntimeError(f"api_key_env names {self.settings.api_key_env}, which is not set")
+        api_key = api_key_from(self.settings.api_key, self.settings.api_key_env, os.environ)
         self.http = HttpSettings(
             max_upload_bytes=self.settings.limits.max_upload_bytes,
             api_key=api_key,
             cors_origins=tuple(self.settings.cors_origins),
             body_read_timeout_s=self.settings.body_read_timeout_s,
+            work_timeout_s=self.settings.work_timeout_s,
         )
         threads = self.settings.ingress_threads or node_cpus()
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
