@@ -260,5 +260,5 @@ def test_no_docs_page_that_needs_the_internet(service: Service) -> None:
     with service.client() as client:
         page = client.get("/docs")
         index = client.get("/")
-    assert page.status_code == 404 and page.json()["code"] == "not_found"
+    assert page.status_code == 404 and page.json()["error"]["code"] == "not_found"
     assert 'href="/openapi.json"' in index.text and "/docs" not in index.text
