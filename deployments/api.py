@@ -95,25 +95,37 @@ async def bounded(request: Request, work: Awaitable[T], timeout_s: float | None)
     The app's own bounds: Serve's proxy drops its request timeout and stops
     cancelling on disconnect for any client that sends
     ``x-request-timeout-seconds: 0`` or ``x-request-disconnect-disabled: ?1``, and
-    it acts on them before the app sees the request.
+    it acts on them before the app sees the request. ``work`` runs in this task,
+    so what it sets in context variables (the metrics' model tag) stays visible.
     """
-    task = asyncio.ensure_future(work)
-    left = asyncio.ensure_future(_client_left(request))
+    this = asyncio.current_task()
+    assert this is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _client_left(request)
+        gone = True
+        this.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    deadline = asyncio.timeout(timeout_s)
     try:
-        done, _ = await asyncio.wait(
-            {task, left}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        left.cancel()
-        task.cancel()  # a no-op once it has ended
-        await asyncio.wait({task, left})
-    if task in done:
-        return task.result()
-    if left in done:
+        async with deadline:
+            return await work
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        logger.warning("work cancelled after %gs", timeout_s)
+        raise RequestTimeout(f"the request did not finish within {timeout_s:g}s") from None
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        this.uncancel()
         logger.info("client left: work cancelled")
-        raise ClientClosed("the client closed the connection; its work was stopped")
-    logger.warning("work cancelled after %gs", timeout_s)
-    raise RequestTimeout(f"the request did not finish within {timeout_s:g}s")
+        raise ClientClosed("the client closed the connection; its work was stopped") from None
+    finally:
+        watcher.cancel()
 
 
 def api_key_from(key: str | None, env_name: str | None, environ: Mapping[str, str]) -> str | None:

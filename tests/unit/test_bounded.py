@@ -4,6 +4,7 @@ deadline, and the client leaving; Serve's headers can lift Serve's own."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 from starlette.requests import Request
@@ -55,6 +56,23 @@ def test_a_client_that_leaves_stops_its_work() -> None:
     with pytest.raises(ClientClosed):
         asyncio.run(bounded(_request(0.05), work(), None))
     assert work.cancelled
+
+
+def test_what_the_work_sets_in_context_stays_visible() -> None:
+    # The error metric's model tag is set during the work and read by the
+    # error handler afterwards, in the same request task.
+    routed: contextvars.ContextVar[str] = contextvars.ContextVar("routed", default="-")
+
+    async def work() -> None:
+        routed.set("u2netp")
+        raise ValueError("undecodable")
+
+    async def scenario() -> str:
+        with pytest.raises(ValueError):
+            await bounded(_request(None), work(), 5)
+        return routed.get()
+
+    assert asyncio.run(scenario()) == "u2netp"
 
 
 def test_cancelled_from_outside_stops_the_work_too() -> None:
