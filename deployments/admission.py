@@ -30,7 +30,7 @@ def images_in_flight(max_ongoing_requests: int) -> int:
 
     Serve queues every request behind ``max_ongoing_requests``, /healthz and
     /models included: image work leaves ``HEALTH_RESERVE`` places to them where
-    the cap is large enough to spare them (serve_config.yaml's 48), and takes the
+    the cap is large enough to spare them (serve_config.yaml's 96), and takes the
     whole cap where it is small (Serve's default, 5).
     """
     if max_ongoing_requests >= 4 * HEALTH_RESERVE:
