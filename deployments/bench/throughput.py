@@ -125,7 +125,7 @@ def _no_warning(self: object) -> None:
 
 
 @contextmanager
-def batching_outside_a_replica() -> Iterator[None]:
+def batching_outside_a_replica(*classes: type) -> Iterator[None]:
     """Lets ``@serve.batch`` run in this process, with no Serve replica around it.
 
     Serve's batch queue reads the replica's config only to log a warning
@@ -133,6 +133,11 @@ def batching_outside_a_replica() -> Iterator[None]:
     replica context; outside a replica there is none and that read raises. Ray
     offers no public switch, so that one check is skipped while this is open, and
     put back when it closes: the batching itself is Serve's own.
+
+    On closing, the batch queues that ``classes``' batched methods built here are
+    dropped: Serve builds one lazily, in the replica, and a class holding a built
+    one cannot be pickled, so a later deployment of the class from this process
+    (the benchmark's cluster part) would fail to serialize it.
     """
     check = _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
     _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = _no_warning
@@ -140,6 +145,12 @@ def batching_outside_a_replica() -> Iterator[None]:
         yield
     finally:
         _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = check
+        for cls in classes:
+            for member in vars(cls).values():
+                # @serve.batch exposes its lazy queue holder through these bound setters.
+                holder = getattr(getattr(member, "set_max_batch_size", None), "__self__", None)
+                if holder is not None and hasattr(holder, "_queue"):
+                    holder._queue = None
 
 
 class InProcess:
@@ -153,7 +164,7 @@ class InProcess:
         # Ray is not running here: the CPUs the replica would be given are passed
         # in, and the batch queue runs without a replica (batching_outside_a_replica).
         # The session, the @serve.batch policy and the stages are the service's own.
-        self.stack.enter_context(batching_outside_a_replica())
+        self.stack.enter_context(batching_outside_a_replica(ModelServer.func_or_class))  # type: ignore[attr-defined]
         try:
             await self._start()
         except BaseException:

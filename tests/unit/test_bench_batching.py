@@ -8,7 +8,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from ray import serve
+from ray import cloudpickle, serve
 from ray.serve.exceptions import RayServeException
 
 from deployments.bench.throughput import batching_outside_a_replica
@@ -53,3 +53,24 @@ def test_in_process_batching_is_serves_and_only_while_open() -> None:
         assert _four_at_once() == ([0, 2, 4, 6], [4])  # one batch of four
     with pytest.raises(RayServeException, match="within a Ray Serve deployment"):
         _four_at_once()
+
+
+def test_a_class_batched_in_process_can_still_be_deployed() -> None:
+    """Serve pickles a deployment's class; a batch queue built in this process
+    cannot be pickled, so the context drops the ones its classes built (the
+    benchmark deploys ModelServer after running it in process)."""
+
+    class Halver:
+        @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.1)
+        async def halve(self, values: list[int]) -> list[int]:
+            return [v // 2 for v in values]
+
+    async def call() -> list[int]:
+        halver = Halver()
+        return list(await asyncio.gather(halver.halve(2), halver.halve(4)))
+
+    with batching_outside_a_replica(Halver):
+        assert asyncio.run(call()) == [1, 2]
+        with pytest.raises(TypeError, match="pickle"):
+            cloudpickle.dumps(Halver)  # the queue built here is in the class
+    assert cloudpickle.loads(cloudpickle.dumps(Halver)).__name__ == "Halver"
