@@ -8,7 +8,6 @@ work is the service's. Imports no Ray.
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +38,15 @@ STATIC = Path(__file__).parent / "static"
 class RemoveService(Protocol):
     """What the routes need from the service behind them."""
 
-    def admitted(self) -> AbstractAsyncContextManager[None]:
-        """Admission for one request; raises ``Overloaded`` (503) when it cannot be
-        served in time. Entered before the body is read."""
+    def reading(self, refining: bool) -> AbstractAsyncContextManager[None]:
+        """Entered to read a request's body (``refining``: it asks for matting or
+        decontamination); raises ``Overloaded`` (503) if it would be refused now."""
         ...
 
-    async def remove(self, job: Job) -> Served: ...
+    async def remove(self, job: Job) -> Served:
+        """The cut-out; admitted here, once the body is read (``Overloaded``, 503,
+        when it cannot be served in time)."""
+        ...
 
     async def health(self) -> dict[str, bool]:
         """Per configured model: can it serve now (busy counts as yes)."""
@@ -62,6 +64,8 @@ class HttpSettings:
     max_upload_bytes: int
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    # A body not received whole in this many seconds gets a 408 (None: no limit).
+    body_read_timeout_s: float | None = None
 
 
 _IMAGE_HEADERS = {
@@ -72,7 +76,7 @@ _IMAGE_HEADERS = {
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": responses.ErrorBody, "description": "A JSON error"}
-    for status in (400, 401, 404, 413, 415, 500)
+    for status in (400, 401, 404, 408, 413, 415, 500)
 }
 _ERRORS[503] = {
     "model": responses.ErrorBody,
@@ -121,7 +125,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["X-Width", "X-Height", "X-Model"],
         )
-    limit = settings.max_upload_bytes
+    limit, read_s = settings.max_upload_bytes, settings.body_read_timeout_s
 
     async def authorize(request: Request) -> None:
         """The API key, when one is set; checked before the body is read."""
@@ -133,10 +137,6 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             given = bearer[7:].strip()
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             raise Unauthorized("a valid API key is required (X-API-Key header)")
-
-    async def admitted() -> AsyncIterator[None]:
-        async with service.admitted():
-            yield
 
     def image(served: Served) -> Response:
         return Response(
@@ -152,7 +152,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.post(
         "/api/remove",
         summary="Remove the background (rembg-compatible)",
-        dependencies=[Depends(authorize), Depends(admitted)],
+        dependencies=[Depends(authorize)],
         response_class=Response,
         responses=_image_responses(("png",)),
         openapi_extra={
@@ -169,7 +169,9 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             Query(description="Background colour: R,G,B,A (0-255) or #RRGGBBAA"),
         ] = None,
     ) -> Response:
-        upload = await read_multipart(request, limit)
+        # Matting or not, its form says: in the body.
+        async with service.reading(refining=False):
+            upload = await read_multipart(request, limit, read_s)
         fields = {k: v for k, v in upload.fields.items() if k != "file"}
         if bgc is not None:
             fields["bgc"] = bgc
@@ -186,7 +188,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.post(
         "/remove",
         summary="Remove the background (raw body or multipart)",
-        dependencies=[Depends(authorize), Depends(admitted)],
+        dependencies=[Depends(authorize)],
         response_class=Response,
         responses=_image_responses(("png", "webp")),
         openapi_extra={
@@ -207,11 +209,14 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
         },
     )
     async def remove(request: Request, query: Annotated[RemoveQuery, Query()]) -> Response:
-        if request.headers.get("content-type", "").lower().startswith("multipart/"):
-            data = (await read_multipart(request, limit)).data
-        else:
-            data = await read_body(request, limit)
-        job = Job(data, query.model, query.cutout(), query.format, query.fidelity)
+        options = query.cutout()
+        # Refused before the body is read when busy; admitted once it is read.
+        async with service.reading(options.alpha_matting or options.decontaminate):
+            if request.headers.get("content-type", "").lower().startswith("multipart/"):
+                data = (await read_multipart(request, limit, read_s)).data
+            else:
+                data = await read_body(request, limit, read_s)
+        job = Job(data, query.model, options, query.format, query.fidelity)
         return image(await service.remove(job))
 
     @api.get(

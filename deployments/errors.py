@@ -47,6 +47,11 @@ class MethodNotAllowed(ServiceError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"

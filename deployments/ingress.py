@@ -83,6 +83,19 @@ def node_cpus() -> int:
     return os.cpu_count() or 2
 
 
+def serving_cap() -> int | None:
+    """The image requests this replica takes at once, from Serve's cap for it
+    (``max_ongoing_requests``, a field its replica context carries). Read per
+    request: Serve changes it in place when the config does.
+
+    Ray has no public accessor for it (its own @serve.batch reads this field too),
+    and build_app cannot pass it in: a serve config's `deployments:` options are
+    applied after the app's init args are bound."""
+    deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
+    serving = getattr(deployment, "max_ongoing_requests", None)
+    return images_in_flight(serving) if serving else None
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -104,20 +117,11 @@ class Ingress:
             max_upload_bytes=self.settings.limits.max_upload_bytes,
             api_key=api_key,
             cors_origins=tuple(self.settings.cors_origins),
+            body_read_timeout_s=self.settings.body_read_timeout_s,
         )
         threads = self.settings.ingress_threads or node_cpus()
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
-        # Serve's cap for this replica. Ray has no public accessor (its own @serve.batch
-        # reads this field too), and build_app cannot pass it in: a serve config's
-        # `deployments:` options are applied after the app's init args are bound.
-        deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
-        serving = getattr(deployment, "max_ongoing_requests", None)
-        self.remover = Remover(
-            RemoverConfig.of(self.settings),
-            predictors,
-            threads,
-            images_in_flight(serving) if serving else None,
-        )
+        self.remover = Remover(RemoverConfig.of(self.settings), predictors, threads, serving_cap())
         self.app_name = serve.get_replica_context().app_name
         self._status: tuple[float, ServeStatus] | None = None
         self._status_task: asyncio.Future[ServeStatus] | None = None
@@ -137,7 +141,7 @@ class Ingress:
 
     async def remove(self, job: Job) -> Served:
         self.metrics.routed(self.remover.model_name(job))
-        served = await self.remover.remove(job)
+        served = await self.remover.serve(job)
         t = served.timings
         self.metrics.done(served.model, t.pre_s, t.post_s, len(job.data), len(served.body))
         logger.info(
@@ -157,8 +161,9 @@ class Ingress:
         )
         return served
 
-    def admitted(self) -> AbstractAsyncContextManager[None]:
-        return self.remover.admitted()
+    def reading(self, refining: bool) -> AbstractAsyncContextManager[None]:
+        self.remover.admission.max_in_flight = serving_cap()
+        return self.remover.reading(refining)
 
     async def _serve_status(self) -> ServeStatus:
         """Serve's own view of the app (from its controller), at most ``_STATUS_S`` old.

@@ -111,6 +111,11 @@ class AppSettings(_Strict):
     # within this many seconds; otherwise 503 at once, with Retry-After. Keep it
     # well under http_options.request_timeout_s (after which Serve answers 408).
     deadline_s: float = Field(default=30.0, gt=0)
+    # A request body not received whole within this many seconds gets a 408
+    # (a client that trickles its body is dropped; it holds no admission place
+    # meanwhile, as requests are admitted once their body is read). Serve's
+    # proxy streams bodies to the replica as they arrive.
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
     # Alpha matting and decontamination: the pixels they work on at most (above,
     # on a downscaled copy), and how many run at once, each on a thread of its
     # own so that they never hold up other requests' decode and encode.
