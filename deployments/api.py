@@ -7,11 +7,14 @@ work is the service's. Imports no Ray.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,7 +22,14 @@ from fastapi.responses import Response
 
 from deployments import __version__, responses
 from deployments.encode import MEDIA_TYPES
-from deployments.errors import BadParameter, NotFound, ServiceError, Unauthorized
+from deployments.errors import (
+    BadParameter,
+    ClientClosed,
+    NotFound,
+    RequestTimeout,
+    ServiceError,
+    Unauthorized,
+)
 from deployments.options import (
     OptionsError,
     OutputFormat,
@@ -33,6 +43,8 @@ from deployments.service import Job, Served
 from deployments.wire import read_body, read_multipart
 
 STATIC = Path(__file__).parent / "static"
+T = TypeVar("T")
+logger = logging.getLogger("ray.serve")
 
 
 class RemoveService(Protocol):
@@ -66,6 +78,69 @@ class HttpSettings:
     cors_origins: tuple[str, ...] = ()
     # A body not received whole in this many seconds gets a 408 (None: no limit).
     body_read_timeout_s: float | None = None
+    # Work on a read body not done in this many seconds is stopped: 408 (None: no limit).
+    work_timeout_s: float | None = None
+
+
+async def _client_left(request: Request) -> None:
+    """Returns once the client has disconnected (call it after the body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def bounded(request: Request, work: Awaitable[T], timeout_s: float | None) -> T:
+    """``work``, stopped if the client leaves (``ClientClosed``) or if it has not
+    ended within ``timeout_s`` (``RequestTimeout``, 408, as Serve's own timeout).
+
+    The app's own bounds: Serve's proxy drops its request timeout and stops
+    cancelling on disconnect for any client that sends
+    ``x-request-timeout-seconds: 0`` or ``x-request-disconnect-disabled: ?1``, and
+    it acts on them before the app sees the request. ``work`` runs in this task,
+    so what it sets in context variables (the metrics' model tag) stays visible.
+    """
+    this = asyncio.current_task()
+    assert this is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _client_left(request)
+        gone = True
+        this.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    deadline = asyncio.timeout(timeout_s)
+    try:
+        async with deadline:
+            return await work
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        logger.warning("work cancelled after %gs", timeout_s)
+        raise RequestTimeout(f"the request did not finish within {timeout_s:g}s") from None
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        this.uncancel()
+        logger.info("client left: work cancelled")
+        raise ClientClosed("the client closed the connection; its work was stopped") from None
+    finally:
+        watcher.cancel()
+
+
+def api_key_from(key: str | None, env_name: str | None, environ: Mapping[str, str]) -> str | None:
+    """The API key: ``key`` if set, else the variable ``env_name`` names, stripped
+    (a secret file's trailing newline would lock every client out). ``RuntimeError``
+    if that variable is unset, empty or shorter than 16 characters, as a key in
+    the config must be: the replica refuses to start rather than serve unguarded."""
+    if key is not None or env_name is None:
+        return key
+    from_env = environ.get(env_name, "").strip()
+    if len(from_env) < 16:
+        raise RuntimeError(
+            f"api_key_env names {env_name}, which is unset, empty or shorter than 16 characters"
+        )
+    return from_env
 
 
 _IMAGE_HEADERS = {
@@ -108,9 +183,11 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
         title="rembg-serve",
         version=__version__,
         description="Background removal with rembg's models on Ray Serve.",
-        docs_url="/docs",
+        # No Swagger UI page: FastAPI's loads its scripts from a CDN, and the
+        # service needs no internet. The document is served below, keyed as the API.
+        docs_url=None,
         redoc_url=None,
-        openapi_url="/openapi.json",
+        openapi_url=None,
     )
     responses.install(
         api,
@@ -126,6 +203,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             expose_headers=["X-Width", "X-Height", "X-Model"],
         )
     limit, read_s = settings.max_upload_bytes, settings.body_read_timeout_s
+    work_s = settings.work_timeout_s
 
     async def authorize(request: Request) -> None:
         """The API key, when one is set; checked before the body is read."""
@@ -183,7 +261,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             raise BadParameter(str(exc)) from None
         # rembg's contract: rembg's pixels, whatever the service's fidelity setting.
         job = Job(upload.data, form.model, form.cutout(), fidelity="exact")
-        return image(await service.remove(job))
+        return image(await bounded(request, service.remove(job), work_s))
 
     @api.post(
         "/remove",
@@ -217,7 +295,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             else:
                 data = await read_body(request, limit, read_s)
         job = Job(data, query.model, options, query.format, query.fidelity)
-        return image(await service.remove(job))
+        return image(await bounded(request, service.remove(job), work_s))
 
     @api.get(
         "/healthz",
@@ -234,12 +312,19 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.get(
         "/models",
         summary="Configured models, their device and batch settings",
+        # Replica ids, pid and model files: for those who hold the key, if one is set.
+        dependencies=[Depends(authorize)],
         response_model=ModelsReport,
+        responses={401: _ERRORS[401]},
         # Keys a model's state does not have stay out (see deployments.reports).
         response_model_exclude_unset=True,
     )
     async def list_models() -> ModelsReport:
         return await service.models()
+
+    @api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+    async def openapi() -> dict[str, Any]:
+        return api.openapi()
 
     @api.get("/", include_in_schema=False)
     async def index() -> Response:

@@ -52,6 +52,14 @@ class RequestTimeout(ServiceError):
     code = "request_timeout"
 
 
+class ClientClosed(ServiceError):
+    """The client left before its answer; its work was stopped (nginx's 499).
+    Nobody reads the response: the status is for logs and metrics."""
+
+    status = 499
+    code = "client_closed"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
