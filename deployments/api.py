@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import weakref
 from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -88,6 +89,22 @@ async def _client_left(request: Request) -> None:
         pass
 
 
+async def _cancel_when_client_leaves(
+    request: Request, task: weakref.ref[asyncio.Task[Any]], left: asyncio.Event
+) -> None:
+    await _client_left(request)
+    left.set()
+    leaving = task()
+    if leaving is not None:
+        leaving.cancel()
+
+
+def _this_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    assert task is not None
+    return task
+
+
 async def bounded(request: Request, work: Awaitable[T], timeout_s: float | None) -> T:
     """``work``, stopped if the client leaves (``ClientClosed``) or if it has not
     ended within ``timeout_s`` (``RequestTimeout``, 408, as Serve's own timeout).
@@ -97,18 +114,19 @@ async def bounded(request: Request, work: Awaitable[T], timeout_s: float | None)
     ``x-request-timeout-seconds: 0`` or ``x-request-disconnect-disabled: ?1``, and
     it acts on them before the app sees the request. ``work`` runs in this task,
     so what it sets in context variables (the metrics' model tag) stays visible.
+
+    Nothing this frame keeps refers to this task: a cancelled task keeps its
+    CancelledError (a failed one its error), whose traceback holds this frame and
+    the work's. A reference from there back to the task is a cycle, and all that
+    the work's frames hold (the ingress's decoded images, their pixel budget
+    already given back) stays in memory until a full garbage collection, which a
+    busy replica may not run for minutes. So the watcher holds the task weakly,
+    and the timeout, which holds it too, is dropped on the way out.
     """
-    this = asyncio.current_task()
-    assert this is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        await _client_left(request)
-        gone = True
-        this.cancel()
-
-    watcher = asyncio.ensure_future(watch())
+    left = asyncio.Event()
+    watcher = asyncio.ensure_future(
+        _cancel_when_client_leaves(request, weakref.ref(_this_task()), left)
+    )
     deadline = asyncio.timeout(timeout_s)
     try:
         async with deadline:
@@ -119,13 +137,14 @@ async def bounded(request: Request, work: Awaitable[T], timeout_s: float | None)
         logger.warning("work cancelled after %gs", timeout_s)
         raise RequestTimeout(f"the request did not finish within {timeout_s:g}s") from None
     except asyncio.CancelledError:
-        if not gone:
-            raise
-        this.uncancel()
+        if not left.is_set():
+            raise  # Serve's own cancellation
+        _this_task().uncancel()
         logger.info("client left: work cancelled")
         raise ClientClosed("the client closed the connection; its work was stopped") from None
     finally:
         watcher.cancel()
+        del deadline
 
 
 def api_key_from(key: str | None, env_name: str | None, environ: Mapping[str, str]) -> str | None:

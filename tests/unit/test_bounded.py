@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
+import weakref
 
 import pytest
 from starlette.requests import Request
@@ -87,3 +89,46 @@ def test_cancelled_from_outside_stops_the_work_too() -> None:
 
     asyncio.run(scenario())
     assert work.cancelled
+
+
+class Held:
+    """Stands for what a request's frames hold (a decoded image)."""
+
+
+@pytest.mark.parametrize("how", ["client left", "cancelled from outside"])
+def test_a_stopped_request_holds_nothing_once_its_task_is_gone(how: str) -> None:
+    # A cancelled task keeps its CancelledError, whose traceback holds the frames
+    # it passed through, ``bounded``'s among them: were the task reachable from
+    # there, that would be a cycle, and what the request's frames hold would live
+    # until a full garbage collection (in the ingress: decoded images, past the
+    # pixel budget). So it must go by reference counting alone.
+    held: list[weakref.ref[Held]] = []
+
+    async def work() -> None:
+        image = Held()
+        held.append(weakref.ref(image))
+        await asyncio.sleep(10)
+
+    async def scenario() -> None:
+        leaves = 0.05 if how == "client left" else None
+        task = asyncio.ensure_future(bounded(_request(leaves), work(), 60))
+        await asyncio.sleep(0.1)
+        if how == "cancelled from outside":
+            task.cancel()
+        # Not awaited: that would drop the CancelledError the task keeps (Serve
+        # does not await it either).
+        await asyncio.wait([task])
+        await asyncio.sleep(0)  # the watcher ends
+        if how == "client left":
+            assert isinstance(task.exception(), ClientClosed)
+        else:
+            assert task.cancelled()
+        del task
+
+    gc.disable()
+    try:
+        asyncio.run(scenario())
+        alive = [ref() is not None for ref in held]
+    finally:
+        gc.enable()
+    assert alive == [False], "kept alive by a reference cycle"
