@@ -13,9 +13,11 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from deployments.errors import Overloaded
 
@@ -28,7 +30,7 @@ def images_in_flight(max_ongoing_requests: int) -> int:
 
     Serve queues every request behind ``max_ongoing_requests``, /healthz and
     /models included: image work leaves ``HEALTH_RESERVE`` places to them where
-    the cap is large enough to spare them (serve_config.yaml's 48), and takes the
+    the cap is large enough to spare them (serve_config.yaml's 96), and takes the
     whole cap where it is small (Serve's default, 5).
     """
     if max_ongoing_requests >= 4 * HEALTH_RESERVE:
@@ -56,26 +58,38 @@ class Admission:
         initial_rate: float,
         window: int = 32,
         max_in_flight: int | None = None,
+        what: str = "requests",
+        measured_after: int | None = None,
     ) -> None:
         self.deadline_s = deadline_s
+        # What it admits, in its refusals ("requests", "refinements").
+        self.what = what
         self.initial_rate = initial_rate
         # A cap under Serve's own (max_ongoing_requests): Serve queues every
         # request behind it, /healthz included, and answers 503 when its queue is
         # full; requests refused here keep the last places free for those.
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        # Requests reading their body, not admitted yet: they count against the
+        # cap (each holds one of Serve's places) but not against the deadline
+        # (a slow client costs a connection, not work).
+        self.reading = 0
         self._busy_s = 0.0
         self._busy_since: float | None = None
         self._completions: deque[float] = deque(maxlen=window)
+        # Completions before the measured rate replaces ``initial_rate`` (the
+        # whole window unless told: for slow work, whose first estimate is rough).
+        self.measured_after = max(2, min(window, measured_after or window))
 
     def _busy_clock(self) -> float:
         running = 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
         return self._busy_s + running
 
     def rate(self) -> float:
-        """Completions per busy second (the measured one once the window is full)."""
+        """Completions per busy second (the measured one once ``measured_after``
+        completions are in)."""
         done = self._completions
-        if len(done) == done.maxlen and done[-1] > done[0]:
+        if len(done) >= self.measured_after and done[-1] > done[0]:
             return (len(done) - 1) / (done[-1] - done[0])
         return self.initial_rate
 
@@ -83,19 +97,26 @@ class Admission:
         """How long a request admitted now would take to finish."""
         return (self.in_flight + 1) / self.rate()
 
-    def admit(self) -> None:
-        """Count a request in, or raise ``Overloaded`` (503) if it would miss the deadline."""
+    def check(self) -> None:
+        """Raise ``Overloaded`` (503) if a request admitted now would miss the
+        deadline; count nothing in (a request is refused this way before its
+        body is read, and admitted with ``admit`` once it is)."""
         expected = self.expected_s()
-        full = self.max_in_flight is not None and self.in_flight >= self.max_in_flight
-        if (expected > self.deadline_s or full) and self.in_flight > 0:
-            drain_s = max(1, math.ceil(self.in_flight / self.rate()))
+        taken = self.in_flight + self.reading
+        full = self.max_in_flight is not None and taken >= self.max_in_flight
+        if (expected > self.deadline_s or full) and taken > 0:
+            drain_s = max(1, math.ceil(max(1, self.in_flight) / self.rate()))
             why = (
-                f"{self.in_flight} requests in progress, the most this replica takes"
+                f"{taken} {self.what} in progress, the most this replica takes"
                 if full
-                else f"a request now would finish in about {expected:.0f}s, over the "
-                f"{self.deadline_s:.0f}s deadline"
+                else f"{self.in_flight} {self.what} in flight; one more would finish in "
+                f"about {expected:.0f}s, over the {self.deadline_s:.0f}s deadline"
             )
             raise Overloaded(f"busy: {why}; retry in {drain_s}s", retry_after_s=drain_s)
+
+    def admit(self) -> None:
+        """Count a request in, or raise ``Overloaded`` (503) if it would miss the deadline."""
+        self.check()
         if self.in_flight == 0:
             self._busy_since = time.monotonic()
         self.in_flight += 1
@@ -108,6 +129,28 @@ class Admission:
         if self.in_flight == 0 and self._busy_since is not None:
             self._busy_s += time.monotonic() - self._busy_since
             self._busy_since = None
+
+
+def when_done(futures: Collection[Future[Any]], then: Callable[[], None]) -> None:
+    """Call ``then`` once every one of ``futures`` is done: now if they all are,
+    else on the thread that ends the last (a stage still running on its thread
+    after its request was cancelled keeps what it holds until it ends)."""
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        then()
+        return
+    left = [len(pending)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            then()
+
+    for future in pending:
+        future.add_done_callback(one_done)
 
 
 @dataclass(eq=False)
@@ -158,7 +201,10 @@ class PixelBudget:
         self._waiters: deque[_Waiter] = deque()
 
     @asynccontextmanager
-    async def hold(self, pixels: int) -> AsyncIterator[None]:
+    async def hold(self, pixels: int, running: Collection[Future[Any]] = ()) -> AsyncIterator[None]:
+        """Hold ``pixels`` for the block; ``running``: the holder's work on threads,
+        read when the block ends: what of it still runs then (the block was
+        cancelled under it) keeps the room until it ends."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         waiter = _Waiter(min(pixels, self.capacity), _resolver(loop, future), future.cancelled)
@@ -172,7 +218,7 @@ class PixelBudget:
         try:
             yield
         finally:
-            self._release(waiter.amount)
+            when_done(list(running), lambda: self._release(waiter.amount))
 
     @contextmanager
     def hold_sync(self, pixels: int) -> Iterator[None]:

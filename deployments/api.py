@@ -7,12 +7,15 @@ work is the service's. Imports no Ray.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import AsyncIterator
+import logging
+import weakref
+from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,7 +23,14 @@ from fastapi.responses import Response
 
 from deployments import __version__, responses
 from deployments.encode import MEDIA_TYPES
-from deployments.errors import BadParameter, NotFound, ServiceError, Unauthorized
+from deployments.errors import (
+    BadParameter,
+    ClientClosed,
+    NotFound,
+    RequestTimeout,
+    ServiceError,
+    Unauthorized,
+)
 from deployments.options import (
     OptionsError,
     OutputFormat,
@@ -34,17 +44,22 @@ from deployments.service import Job, Served
 from deployments.wire import read_body, read_multipart
 
 STATIC = Path(__file__).parent / "static"
+T = TypeVar("T")
+logger = logging.getLogger("ray.serve")
 
 
 class RemoveService(Protocol):
     """What the routes need from the service behind them."""
 
-    def admitted(self) -> AbstractAsyncContextManager[None]:
-        """Admission for one request; raises ``Overloaded`` (503) when it cannot be
-        served in time. Entered before the body is read."""
+    def reading(self, refining: bool) -> AbstractAsyncContextManager[None]:
+        """Entered to read a request's body (``refining``: it asks for matting or
+        decontamination); raises ``Overloaded`` (503) if it would be refused now."""
         ...
 
-    async def remove(self, job: Job) -> Served: ...
+    async def remove(self, job: Job) -> Served:
+        """The cut-out; admitted here, once the body is read (``Overloaded``, 503,
+        when it cannot be served in time)."""
+        ...
 
     async def health(self) -> dict[str, bool]:
         """Per configured model: can it serve now (busy counts as yes)."""
@@ -62,6 +77,89 @@ class HttpSettings:
     max_upload_bytes: int
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    # A body not received whole in this many seconds gets a 408 (None: no limit).
+    body_read_timeout_s: float | None = None
+    # Work on a read body not done in this many seconds is stopped: 408 (None: no limit).
+    work_timeout_s: float | None = None
+
+
+async def _client_left(request: Request) -> None:
+    """Returns once the client has disconnected (call it after the body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel_when_client_leaves(
+    request: Request, task: weakref.ref[asyncio.Task[Any]], left: asyncio.Event
+) -> None:
+    await _client_left(request)
+    left.set()
+    leaving = task()
+    if leaving is not None:
+        leaving.cancel()
+
+
+def _this_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    assert task is not None
+    return task
+
+
+async def bounded(request: Request, work: Awaitable[T], timeout_s: float | None) -> T:
+    """``work``, stopped if the client leaves (``ClientClosed``) or if it has not
+    ended within ``timeout_s`` (``RequestTimeout``, 408, as Serve's own timeout).
+
+    The app's own bounds: Serve's proxy drops its request timeout and stops
+    cancelling on disconnect for any client that sends
+    ``x-request-timeout-seconds: 0`` or ``x-request-disconnect-disabled: ?1``, and
+    it acts on them before the app sees the request. ``work`` runs in this task,
+    so what it sets in context variables (the metrics' model tag) stays visible.
+
+    Nothing this frame keeps refers to this task: a cancelled task keeps its
+    CancelledError (a failed one its error), whose traceback holds this frame and
+    the work's. A reference from there back to the task is a cycle, and all that
+    the work's frames hold (the ingress's decoded images, their pixel budget
+    already given back) stays in memory until a full garbage collection, which a
+    busy replica may not run for minutes. So the watcher holds the task weakly,
+    and the timeout, which holds it too, is dropped on the way out.
+    """
+    left = asyncio.Event()
+    watcher = asyncio.ensure_future(
+        _cancel_when_client_leaves(request, weakref.ref(_this_task()), left)
+    )
+    deadline = asyncio.timeout(timeout_s)
+    try:
+        async with deadline:
+            return await work
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        logger.warning("work cancelled after %gs", timeout_s)
+        raise RequestTimeout(f"the request did not finish within {timeout_s:g}s") from None
+    except asyncio.CancelledError:
+        if not left.is_set():
+            raise  # Serve's own cancellation
+        _this_task().uncancel()
+        logger.info("client left: work cancelled")
+        raise ClientClosed("the client closed the connection; its work was stopped") from None
+    finally:
+        watcher.cancel()
+        del deadline
+
+
+def api_key_from(key: str | None, env_name: str | None, environ: Mapping[str, str]) -> str | None:
+    """The API key: ``key`` if set, else the variable ``env_name`` names, stripped
+    (a secret file's trailing newline would lock every client out). ``RuntimeError``
+    if that variable is unset, empty or shorter than 16 characters, as a key in
+    the config must be: the replica refuses to start rather than serve unguarded."""
+    if key is not None or env_name is None:
+        return key
+    from_env = environ.get(env_name, "").strip()
+    if len(from_env) < 16:
+        raise RuntimeError(
+            f"api_key_env names {env_name}, which is unset, empty or shorter than 16 characters"
+        )
+    return from_env
 
 
 _IMAGE_HEADERS = {
@@ -72,7 +170,7 @@ _IMAGE_HEADERS = {
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": responses.ErrorBody, "description": "A JSON error"}
-    for status in (400, 401, 404, 413, 415, 500)
+    for status in (400, 401, 404, 408, 413, 415, 500)
 }
 _ERRORS[503] = {
     "model": responses.ErrorBody,
@@ -104,9 +202,11 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
         title="rembg-serve",
         version=__version__,
         description="Background removal with rembg's models on Ray Serve.",
-        docs_url="/docs",
+        # No Swagger UI page: FastAPI's loads its scripts from a CDN, and the
+        # service needs no internet. The document is served below, keyed as the API.
+        docs_url=None,
         redoc_url=None,
-        openapi_url="/openapi.json",
+        openapi_url=None,
     )
     responses.install(
         api,
@@ -121,7 +221,8 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["X-Width", "X-Height", "X-Model"],
         )
-    limit = settings.max_upload_bytes
+    limit, read_s = settings.max_upload_bytes, settings.body_read_timeout_s
+    work_s = settings.work_timeout_s
 
     async def authorize(request: Request) -> None:
         """The API key, when one is set; checked before the body is read."""
@@ -133,10 +234,6 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             given = bearer[7:].strip()
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             raise Unauthorized("a valid API key is required (X-API-Key header)")
-
-    async def admitted() -> AsyncIterator[None]:
-        async with service.admitted():
-            yield
 
     def image(served: Served) -> Response:
         return Response(
@@ -152,7 +249,7 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.post(
         "/api/remove",
         summary="Remove the background (rembg-compatible)",
-        dependencies=[Depends(authorize), Depends(admitted)],
+        dependencies=[Depends(authorize)],
         response_class=Response,
         responses=_image_responses(("png",)),
         openapi_extra={
@@ -169,7 +266,9 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             Query(description="Background colour: R,G,B,A (0-255) or #RRGGBBAA"),
         ] = None,
     ) -> Response:
-        upload = await read_multipart(request, limit)
+        # Matting or not, its form says: in the body.
+        async with service.reading(refining=False):
+            upload = await read_multipart(request, limit, read_s)
         fields = {k: v for k, v in upload.fields.items() if k != "file"}
         if bgc is not None:
             fields["bgc"] = bgc
@@ -181,12 +280,12 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
             raise BadParameter(str(exc)) from None
         # rembg's contract: rembg's pixels, whatever the service's fidelity setting.
         job = Job(upload.data, form.model, form.cutout(), fidelity="exact")
-        return image(await service.remove(job))
+        return image(await bounded(request, service.remove(job), work_s))
 
     @api.post(
         "/remove",
         summary="Remove the background (raw body or multipart)",
-        dependencies=[Depends(authorize), Depends(admitted)],
+        dependencies=[Depends(authorize)],
         response_class=Response,
         responses=_image_responses(("png", "webp")),
         openapi_extra={
@@ -207,12 +306,15 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
         },
     )
     async def remove(request: Request, query: Annotated[RemoveQuery, Query()]) -> Response:
-        if request.headers.get("content-type", "").lower().startswith("multipart/"):
-            data = (await read_multipart(request, limit)).data
-        else:
-            data = await read_body(request, limit)
-        job = Job(data, query.model, query.cutout(), query.format, query.fidelity)
-        return image(await service.remove(job))
+        options = query.cutout()
+        # Refused before the body is read when busy; admitted once it is read.
+        async with service.reading(options.alpha_matting or options.decontaminate):
+            if request.headers.get("content-type", "").lower().startswith("multipart/"):
+                data = (await read_multipart(request, limit, read_s)).data
+            else:
+                data = await read_body(request, limit, read_s)
+        job = Job(data, query.model, options, query.format, query.fidelity)
+        return image(await bounded(request, service.remove(job), work_s))
 
     @api.get(
         "/healthz",
@@ -229,12 +331,19 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     @api.get(
         "/models",
         summary="Configured models, their device and batch settings",
+        # Replica ids, pid and model files: for those who hold the key, if one is set.
+        dependencies=[Depends(authorize)],
         response_model=ModelsReport,
+        responses={401: _ERRORS[401]},
         # Keys a model's state does not have stay out (see deployments.reports).
         response_model_exclude_unset=True,
     )
     async def list_models() -> ModelsReport:
         return await service.models()
+
+    @api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+    async def openapi() -> dict[str, Any]:
+        return api.openapi()
 
     @api.get("/", include_in_schema=False)
     async def index() -> Response:

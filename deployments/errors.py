@@ -47,6 +47,19 @@ class MethodNotAllowed(ServiceError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "request_timeout"
+
+
+class ClientClosed(ServiceError):
+    """The client left before its answer; its work was stopped (nginx's 499).
+    Nobody reads the response: the status is for logs and metrics."""
+
+    status = 499
+    code = "client_closed"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"

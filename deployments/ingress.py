@@ -10,9 +10,10 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeStatus
 
 from deployments.admission import images_in_flight
-from deployments.api import HttpSettings, build_api
+from deployments.api import HttpSettings, api_key_from, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
 from deployments.preprocess import unpack_mask
@@ -34,8 +35,37 @@ from deployments.settings import AppSettings, deployment_name
 
 logger = logging.getLogger("ray.serve")
 
-# How old Serve's status may be when /healthz answers from it.
+# How old Serve's status may be when /healthz answers from it, and how long a
+# probe waits for it (then it reads as down: 503).
 _STATUS_S = 1.0
+_STATUS_TIMEOUT_S = 2.0
+
+T = TypeVar("T")
+
+
+class SharedCall(Generic[T]):
+    """``fn()``'s answer, at most ``max_age_s`` old: one call at a time, on a thread,
+    shared by concurrent callers. Each caller waits at most ``timeout_s`` for it
+    (``TimeoutError``); a caller that leaves (a probe that disconnects) never
+    cancels the call the others wait on."""
+
+    def __init__(self, fn: Callable[[], T], max_age_s: float, timeout_s: float) -> None:
+        self.fn, self.max_age_s, self.timeout_s = fn, max_age_s, timeout_s
+        self._value: tuple[float, T] | None = None
+        self._task: asyncio.Future[T] | None = None
+
+    async def get(self) -> T:
+        if self._value is not None and time.monotonic() - self._value[0] <= self.max_age_s:
+            return self._value[1]
+        if self._task is None:
+            self._task = asyncio.ensure_future(asyncio.to_thread(self.fn))
+            self._task.add_done_callback(self._done)
+        return await asyncio.wait_for(asyncio.shield(self._task), self.timeout_s)
+
+    def _done(self, task: asyncio.Future[T]) -> None:
+        self._task = None
+        if not task.cancelled() and task.exception() is None:
+            self._value = (time.monotonic(), task.result())
 
 
 def service_error_from(exc: BaseException) -> ServiceError:
@@ -83,6 +113,19 @@ def node_cpus() -> int:
     return os.cpu_count() or 2
 
 
+def serving_cap() -> int | None:
+    """The image requests this replica takes at once, from Serve's cap for it
+    (``max_ongoing_requests``, a field its replica context carries). Read per
+    request: Serve changes it in place when the config does.
+
+    Ray has no public accessor for it (its own @serve.batch reads this field too),
+    and build_app cannot pass it in: a serve config's `deployments:` options are
+    applied after the app's init args are bound."""
+    deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
+    serving = getattr(deployment, "max_ongoing_requests", None)
+    return images_in_flight(serving) if serving else None
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -95,32 +138,21 @@ class Ingress:
         self.settings = AppSettings.model_validate(settings)
         self.handles = models
         self.metrics = IngressMetrics()
-        api_key = self.settings.api_key or (
-            os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
-        )
-        if self.settings.api_key_env and not api_key:
-            raise RuntimeError(f"api_key_env names {self.settings.api_key_env}, which is not set")
+        api_key = api_key_from(self.settings.api_key, self.settings.api_key_env, os.environ)
         self.http = HttpSettings(
             max_upload_bytes=self.settings.limits.max_upload_bytes,
             api_key=api_key,
             cors_origins=tuple(self.settings.cors_origins),
+            body_read_timeout_s=self.settings.body_read_timeout_s,
+            work_timeout_s=self.settings.work_timeout_s,
         )
         threads = self.settings.ingress_threads or node_cpus()
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
-        # Serve's cap for this replica. Ray has no public accessor (its own @serve.batch
-        # reads this field too), and build_app cannot pass it in: a serve config's
-        # `deployments:` options are applied after the app's init args are bound.
-        deployment = getattr(serve.get_replica_context(), "_deployment_config", None)
-        serving = getattr(deployment, "max_ongoing_requests", None)
-        self.remover = Remover(
-            RemoverConfig.of(self.settings),
-            predictors,
-            threads,
-            images_in_flight(serving) if serving else None,
-        )
+        self.remover = Remover(RemoverConfig.of(self.settings), predictors, threads, serving_cap())
         self.app_name = serve.get_replica_context().app_name
-        self._status: tuple[float, ServeStatus] | None = None
-        self._status_task: asyncio.Future[ServeStatus] | None = None
+        self._serve_status: SharedCall[ServeStatus] = SharedCall(
+            serve.status, _STATUS_S, _STATUS_TIMEOUT_S
+        )
         self._infos: dict[str, ModelInfo] = {}
         await self.remover.warm_up()
         if self.settings.refine_warmup == "startup":
@@ -137,7 +169,7 @@ class Ingress:
 
     async def remove(self, job: Job) -> Served:
         self.metrics.routed(self.remover.model_name(job))
-        served = await self.remover.remove(job)
+        served = await self.remover.serve(job)
         t = served.timings
         self.metrics.done(served.model, t.pre_s, t.post_s, len(job.data), len(served.body))
         logger.info(
@@ -157,24 +189,9 @@ class Ingress:
         )
         return served
 
-    def admitted(self) -> AbstractAsyncContextManager[None]:
-        return self.remover.admitted()
-
-    async def _serve_status(self) -> ServeStatus:
-        """Serve's own view of the app (from its controller), at most ``_STATUS_S`` old.
-
-        One request to the controller at a time; concurrent probes share it.
-        """
-        if self._status is None or time.monotonic() - self._status[0] > _STATUS_S:
-            if self._status_task is None:
-                self._status_task = asyncio.ensure_future(asyncio.to_thread(serve.status))
-            task = self._status_task
-            try:
-                self._status = (time.monotonic(), await task)
-            finally:
-                if self._status_task is task:
-                    self._status_task = None
-        return self._status[1]
+    def reading(self, refining: bool) -> AbstractAsyncContextManager[None]:
+        self.remover.admission.max_in_flight = serving_cap()
+        return self.remover.reading(refining)
 
     async def health(self) -> dict[str, bool]:
         """Per model: does at least one of its replicas run, in Serve's own status.
@@ -184,7 +201,7 @@ class Ingress:
         running replica reads as down.
         """
         try:
-            app = (await self._serve_status()).applications[self.app_name]
+            app = (await self._serve_status.get()).applications[self.app_name]
         except Exception as exc:
             logger.warning("serve status unavailable: %r", exc)
             return dict.fromkeys(self.handles, False)

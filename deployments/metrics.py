@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 # The model the current request was routed to ("-" before routing), so that an
 # error answered later, in an exception handler, is tagged with it. Per request
@@ -79,6 +79,15 @@ class ModelMetrics:
             _SECONDS,
             tags,
         )
+        self.reconfigure_failed = Gauge(
+            "rembg_model_reconfigure_failed",
+            "1 while this replica's last live reconfigure failed: it serves its previous "
+            "config, and a replica started now would load the failed one.",
+            tags,
+        )
+
+    def reconfigured(self, model: str, ok: bool) -> None:
+        self.reconfigure_failed.set(0 if ok else 1, tags={"model": model})
 
     def batch(self, model: str, size: int, waits_s: list[float], inference_s: float) -> None:
         tags = {"model": model}

@@ -145,11 +145,19 @@ class ModelServer:
         fail the same way: a typo in ``model_path`` would take the model down. So
         once a session serves, a config that cannot be applied (unknown keys, a
         missing or corrupt file, no memory for a second session) is logged, shown
-        in ``info()`` as ``last_reconfigure_error`` and otherwise ignored. Only the
+        in ``info()`` as ``last_reconfigure_error`` and in the
+        ``rembg_model_reconfigure_failed`` gauge, and otherwise ignored. Only the
         first load, with nothing serving yet, fails the replica's start.
+
+        Serve keeps the failed ``user_config`` all the same: a replica started
+        later (a replacement, a scale-up) loads it and fails its start, which
+        Serve's status shows. Recovery is a deploy whose ``user_config`` differs
+        (the corrected path, the previous one, or a new ``model_version`` once the
+        file is fixed in place): Serve calls ``reconfigure`` only on a change.
         """
         if self.loaded is None:
             await self._apply(LiveModelConfig.model_validate(user_config))
+            self.metrics.reconfigured(self.name, ok=True)
             return
         try:
             await self._apply(LiveModelConfig.model_validate(user_config))
@@ -163,8 +171,10 @@ class ModelServer:
                 error=type(exc).__name__,
                 model_version=None if version is None else str(version),
             )
+            self.metrics.reconfigured(self.name, ok=False)
         else:
             self.last_reconfigure_error = None
+            self.metrics.reconfigured(self.name, ok=True)
 
     async def _apply(self, live: LiveModelConfig) -> None:
         started = time.perf_counter()

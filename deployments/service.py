@@ -16,16 +16,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from deployments.admission import Admission, PixelBudget
+from deployments.admission import Admission, PixelBudget, when_done
 from deployments.compose import warm_refine
 from deployments.decode import probe
 from deployments.errors import PayloadTooLarge, UnknownModel
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 # A model's mask for one model-size uint8 (H, W, 3) image: a Serve handle call,
@@ -49,6 +48,13 @@ Predict = Callable[[npt.NDArray[np.uint8]], Awaitable[npt.NDArray[np.uint8]]]
 
 # libwebp's limit on either side of an image.
 WEBP_MAX_SIDE = 16383
+
+# Until refinements are measured, one takes this long (matting 1 MP on 2 cores
+# took ~10 s cold, ~2.5 s warm at 12 MP): few are admitted before the rate is known.
+REFINE_INITIAL_S = 10.0
+# Refinements completed that their rate is measured over: few, as they are slow
+# (measured from the second on).
+REFINE_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -126,15 +132,33 @@ class Remover:
         self.admission = Admission(
             config.deadline_s, 10 / config.deadline_s, max_in_flight=max_in_flight
         )
+        # Matting and decontamination queue for their own threads: admitted by
+        # that queue's own drain time, so that a flood of them is refused once it
+        # cannot finish in time, and plain requests never wait behind them.
+        self.refine_admission = Admission(
+            config.deadline_s,
+            1 / REFINE_INITIAL_S,
+            REFINE_WINDOW,
+            what="refinements",
+            measured_after=2,
+        )
+        # A refinement's turn on the refine threads, taken before it decodes:
+        # one waiting for its turn holds its compressed bytes only, not pixels.
+        self.refine_turns = PixelBudget(config.refine_concurrency)
         self.trimmer = IdleTrimmer(lambda: not self.busy(), self.pool)
 
     def busy(self) -> bool:
         """Whether a request is in flight."""
-        return self.admission.in_flight > 0
+        return self.admission.in_flight + self.refine_admission.in_flight > 0
 
-    async def in_pool(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, partial(fn, *args, **kwargs))
+    @staticmethod
+    async def on_thread(executor: Executor, running: list[Future[Any]], fn: Callable[[], T]) -> T:
+        """``fn()`` on ``executor``, its future added to ``running`` (what a
+        cancelled request still has running, and holds memory and places for,
+        until it ends). Cancelled before it starts, it never runs."""
+        future = executor.submit(fn)
+        running.append(future)
+        return await asyncio.wrap_future(future)
 
     def model_name(self, job: Job) -> str:
         """The model ``job`` goes to; ``UnknownModel`` (404) if it is not served here."""
@@ -146,38 +170,88 @@ class Remover:
         return name
 
     @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        """Admission for one request (``Overloaded`` if it would miss the deadline);
-        memory is given back when the replica goes idle (``IdleTrimmer``)."""
-        self.admission.admit()
-        completed = False
+    async def reading(self, refining: bool) -> AsyncIterator[None]:
+        """While a request's body is read: ``Overloaded`` (503) at once if it would
+        be refused now (a flood is refused without reading it); counted against
+        the cap on requests, not against the deadline, until the block ends.
+        ``refining``: it asks for matting or decontamination."""
+        admission = self.refine_admission if refining else self.admission
+        admission.check()
+        admission.reading += 1
         try:
             yield
-            completed = True
         finally:
-            self.admission.release(completed)
-            if self.admission.in_flight == 0:
-                self.trimmer.went_idle()
+            admission.reading -= 1
 
-    async def remove(self, job: Job) -> Served:
+    async def serve(self, job: Job) -> Served:
+        """``remove`` under admission: ``Overloaded`` (503) if it would miss the
+        deadline (a refinement: if the refine queue would not drain in time).
+
+        Admitted once the body is read: a client that sends slowly holds a
+        connection, not a place. Cancelled (the client left), the request stops
+        at the next stage; what still runs on a thread then keeps its place and
+        pixels until it ends, and the replica counts as busy until then.
+        """
         name = self.model_name(job)
+        refining = job.options.alpha_matting or job.options.decontaminate
+        admission = self.refine_admission if refining else self.admission
+        admission.admit()
+        running: list[Future[Any]] = []
+        completed = False
+        try:
+            served = await self.remove(job, running, name)
+            completed = True
+            return served
+        finally:
+            leave = partial(self._leave, admission, completed)
+            if all(future.done() for future in running):
+                leave()
+            else:
+                loop = asyncio.get_running_loop()
+
+                def on_the_loop() -> None:
+                    loop.call_soon_threadsafe(leave)
+
+                when_done(running, on_the_loop)
+
+    def _leave(self, admission: Admission, completed: bool) -> None:
+        """On the event loop: a request's work has ended (memory is given back
+        when the replica goes idle: ``IdleTrimmer``)."""
+        admission.release(completed)
+        if not self.busy():
+            self.trimmer.went_idle()
+
+    async def remove(
+        self, job: Job, running: list[Future[Any]] | None = None, name: str | None = None
+    ) -> Served:
+        """The cut-out of ``job``, without admission; ``running`` collects its work
+        on threads (see ``serve``)."""
+        name = name or self.model_name(job)
+        running = [] if running is None else running
         limits, level = self.config.image.limits, self.config.image.png_compress_level
         started = time.perf_counter()
-        width, height = await self.in_pool(probe, job.data, limits)
+        width, height = await self.on_thread(self.pool, running, partial(probe, job.data, limits))
         if job.format == "webp" and max(width, height) > WEBP_MAX_SIDE:
             raise PayloadTooLarge(
                 f"WebP output is at most {WEBP_MAX_SIDE} px a side; this image is "
                 f"{width}x{height}: ask for format=png"
             )
-        async with self.budget.hold(width * height):
-            prepared = await self.in_pool(prepare, job.data, self.specs[name], limits)
+        # Matting and decontamination take seconds: on threads of their own, and
+        # decoded only once it is their turn there.
+        refining = job.options.alpha_matting or job.options.decontaminate
+        async with AsyncExitStack() as holding:
+            if refining:
+                await holding.enter_async_context(self.refine_turns.hold(1, running))
+            await holding.enter_async_context(self.budget.hold(width * height, running))
+            prepared = await self.on_thread(
+                self.pool, running, partial(prepare, job.data, self.specs[name], limits)
+            )
             inferred = time.perf_counter()
             mask = await self.models[name](prepared.model_input)
             composed = time.perf_counter()
-            # Matting and decontamination take seconds: on threads of their own.
-            refining = job.options.alpha_matting or job.options.decontaminate
-            done = await asyncio.get_running_loop().run_in_executor(
+            done = await self.on_thread(
                 self.refine_pool if refining else self.pool,
+                running,
                 partial(
                     finish,
                     prepared.image,

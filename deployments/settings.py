@@ -111,6 +111,17 @@ class AppSettings(_Strict):
     # within this many seconds; otherwise 503 at once, with Retry-After. Keep it
     # well under http_options.request_timeout_s (after which Serve answers 408).
     deadline_s: float = Field(default=30.0, gt=0)
+    # A request body not received whole within this many seconds gets a 408
+    # (a client that trickles its body is dropped; it holds no admission place
+    # meanwhile, as requests are admitted once their body is read). Serve's
+    # proxy streams bodies to the replica as they arrive.
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    # A request's work (after its body is read) not done within this many seconds
+    # is stopped with a 408, and a client that leaves has its work stopped: the
+    # app's own bounds, since Serve's proxy lifts its request_timeout_s and its
+    # disconnect check for any client sending x-request-timeout-seconds: 0 or
+    # x-request-disconnect-disabled: ?1. Keep it over deadline_s.
+    work_timeout_s: float = Field(default=60.0, gt=0)
     # Alpha matting and decontamination: the pixels they work on at most (above,
     # on a downscaled copy), and how many run at once, each on a thread of its
     # own so that they never hold up other requests' decode and encode.
@@ -127,8 +138,8 @@ class AppSettings(_Strict):
     # exact: rembg's pixels; fast: the mask upscaled at less cost, the same colours
     # (README "Fast cut-outs"). /remove's `fidelity` overrides it per request.
     fidelity: Fidelity = "exact"
-    # Optional API key: when set, /remove and /api/remove need it in `X-API-Key`
-    # or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an
+    # Optional API key: when set, every route but /healthz and / needs it in
+    # `X-API-Key` or `Authorization: Bearer ...`. Prefer `api_key_env`, which names an
     # environment variable of the replicas, to a key written in the config.
     api_key: str | None = Field(default=None, min_length=16)
     api_key_env: str | None = None

@@ -1,12 +1,17 @@
-"""Request bodies off the wire, within the byte limit.
+"""Request bodies off the wire, within the byte limit and the read deadline.
 
 The body is counted as it is read and refused with 413 as soon as it passes the
-limit (at once when ``Content-Length`` already says so). Imports Starlette but no
-Ray, so it is tested without a cluster.
+limit (at once when ``Content-Length`` already says so); one not received whole
+within ``timeout_s`` gets a 408 (Serve's proxy streams the body to the replica as
+the client sends it, so a client that trickles it would otherwise hold its
+connection for as long as it likes). Imports Starlette but no Ray, so it is
+tested without a cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
@@ -15,15 +20,24 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from deployments.errors import BadParameter, PayloadTooLarge
+from deployments.errors import BadParameter, PayloadTooLarge, RequestTimeout
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
+def _limited(receive: Receive, limit: int, timeout_s: float | None) -> Receive:
     seen = 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     async def receive_within_limit() -> Message:
         nonlocal seen
-        message = await receive()
+        if deadline is None:
+            message = await receive()
+        else:
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body was not received within {timeout_s:g}s"
+                ) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
@@ -39,10 +53,11 @@ def _check_declared_length(request: Request, limit: int) -> None:
         raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused with 413 as soon as it passes ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The raw body, refused with 413 as soon as it passes ``limit`` bytes, and
+    with 408 if it is not whole within ``timeout_s`` seconds."""
     _check_declared_length(request, limit)
-    return await Request(request.scope, _limited(request.receive, limit)).body()
+    return await Request(request.scope, _limited(request.receive, limit, timeout_s)).body()
 
 
 @dataclass(frozen=True)
@@ -51,13 +66,14 @@ class Upload:
     fields: dict[str, str]
 
 
-async def read_multipart(request: Request, limit: int) -> Upload:
-    """A multipart/form-data body: the ``file`` part's bytes and the text fields."""
+async def read_multipart(request: Request, limit: int, timeout_s: float | None = None) -> Upload:
+    """A multipart/form-data body: the ``file`` part's bytes and the text fields
+    (limits as ``read_body``)."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise BadParameter("send multipart/form-data with the image in a field named 'file'")
     _check_declared_length(request, limit)
-    limited = Request(request.scope, _limited(request.receive, limit))
+    limited = Request(request.scope, _limited(request.receive, limit, timeout_s))
     try:
         form = await limited.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
     except MultiPartException as exc:

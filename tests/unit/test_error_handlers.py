@@ -25,7 +25,7 @@ class BrokenService:
         self.counted_errors: list[ServiceError] = []
 
     @contextlib.asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
+    async def reading(self, refining: bool) -> AsyncIterator[None]:
         yield
 
     async def remove(self, job: Job) -> Served:

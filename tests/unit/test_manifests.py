@@ -257,3 +257,7 @@ def test_front_proxies_match_the_service_limits() -> None:
     assert f"client_max_body_size {limit_mib}m;" in nginx
     assert "proxy_request_buffering on;" in nginx
     assert f"server 127.0.0.1:{http['port']};" in nginx
+    # Serve's proxy lifts its timeout and its disconnect check for any client
+    # sending these: nginx blanks them (an empty value is not forwarded).
+    for header in ("X-Request-Timeout-Seconds", "X-Request-Disconnect-Disabled"):
+        assert f'proxy_set_header {header} "";' in nginx

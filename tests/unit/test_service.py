@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -138,9 +140,11 @@ def test_decoded_images_stay_within_the_pixel_budget() -> None:
 
     class Watched(PixelBudget):
         @asynccontextmanager
-        async def hold(self, pixels: int) -> AsyncIterator[None]:
+        async def hold(
+            self, pixels: int, running: Collection[Future[Any]] = ()
+        ) -> AsyncIterator[None]:
             waiting.append(len(self._waiters) + (pixels > self.free))
-            async with super().hold(pixels):
+            async with super().hold(pixels, running):
                 held.append(self.capacity - self.free)
                 yield
 
