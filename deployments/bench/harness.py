@@ -463,8 +463,10 @@ def serve_replicas(session_id: int) -> dict[int, str]:
 
 
 def proxies(session_id: int) -> list[int]:
-    """Serve's HTTP proxy actors of one service."""
-    return list(session_processes(session_id, "ProxyActor"))
+    """Serve's HTTP proxy actors of one service; with ``RAY_SERVE_ENABLE_HA_PROXY=1``,
+    the HAProxy manager actors and the ``haproxy`` processes they run instead."""
+    markers = ("ProxyActor", "HAProxyManager", "haproxy -db")
+    return sorted({pid for m in markers for pid in session_processes(session_id, m)})
 
 
 @contextmanager

@@ -51,6 +51,7 @@ from deployments.bench.harness import (
     running_service,
     serve_config,
     serve_replicas,
+    session_processes,
 )
 from deployments.compose import RefineLimits, compose, mask_to_size, naive_cutout_png
 from deployments.decode import Limits, decode, probe
@@ -299,6 +300,9 @@ def served(
             "ingress": [p for p, n in replicas.items() if n == "Ingress"],
             "model": [p for p, n in replicas.items() if n.startswith("Model_")],
         }
+        # Every other process of the service: Ray's controller, GCS, raylet, `serve run`.
+        known = {pid for group in pids.values() for pid in group}
+        pids["ray"] = [p for p in session_processes(service.process.pid) if p not in known]
         for megapixels, count in uploads.items():
             data = make_input(base, megapixels, "jpeg")
 
@@ -468,14 +472,14 @@ def table(results: Json) -> list[str]:
         "",
         "served: JPEG -> PNG through serve run, a stand-in model, CPU ms per image"
         " (uploads at concurrency 2)",
-        f"{'MP':>6}{'fidelity':>9}{'proxy':>8}{'ingress':>9}{'model':>8}{'stages':>8}{'serve':>7}"
-        f"{'out/MP':>8}{'x dec':>7}",
+        f"{'MP':>6}{'fidelity':>9}{'proxy':>8}{'ingress':>9}{'model':>8}{'ray':>7}{'stages':>8}"
+        f"{'serve':>7}{'out/MP':>8}{'x dec':>7}",
     ]
     for r in results["served"]["rows"]:
         cpu = r["cpu_ms_per_image"]
         lines.append(
             f"{r['megapixels']:>6}{r['fidelity']:>9}{cpu['proxy']:>8}{cpu['ingress']:>9}"
-            f"{cpu['model']:>8}"
+            f"{cpu['model']:>8}{cpu.get('ray', '-'):>7}"
             f"{r['ingress_stages_ms_per_image']:>8}{r['serve_share_ms_per_image']:>7}"
             f"{r['outside_model_ms_per_mp']:>8}{r['outside_model_x_pillow_decode']:>7}"
         )
