@@ -5,7 +5,9 @@ loaded, each charged its bytes against the budget. A request takes a lease on
 its model (loading it on a miss) and gives it back when its batch is done; a
 leased model is never evicted. Before a load, least recently used models that no
 request holds are evicted until the new one's bytes fit; after it, once its own
-bytes are measured, again if the guess was short. Concurrent first requests for
+bytes are measured, again if the guess was short. When every loaded model is
+held, the least recently used one takes no new leases until it can go, so that
+steady hits never hold a load off. Concurrent first requests for
 a cold model share one load; loads run one at a time, so that a load's measured
 memory is its own. A model that fails to load fails its requests for
 ``retry_failed_s`` without another try. No Ray, no HTTP: the Serve shell
@@ -56,6 +58,8 @@ class Slot(Generic[M]):
     leases: int = 0
     # Requests waiting for this model's load: pinned like leases.
     waiting: int = 0
+    # Chosen to go when its leases end: it takes no new ones meanwhile.
+    draining: bool = False
     loading: asyncio.Future[None] | None = None
     used_at: int = 0
     hits: int = 0
@@ -101,8 +105,8 @@ class ModelPool(Generic[M]):
         self._clock = clock
         self._tick = 0
         self._one_load = asyncio.Lock()
-        # Set whenever a lease is given back: a load waiting for room looks again.
-        self._released = asyncio.Event()
+        # Set (and replaced) when a lease is given back or a model evicted.
+        self._changed = asyncio.Event()
 
     @property
     def used_bytes(self) -> int:
@@ -150,12 +154,16 @@ class ModelPool(Generic[M]):
     async def acquire(self, name: str) -> M:
         """A lease on ``name``: loaded first if need be. ``LoadFailed`` if it cannot be."""
         slot = self._slot(name)
-        if slot.model is not None:
+        if slot.model is not None and not slot.draining:
             slot.hits += 1
             self._event("hit", name)
         else:
             self._event("miss", name)
-        while slot.model is None:
+        while slot.model is None or slot.draining:
+            if slot.draining:
+                # Held for eviction: wait until it is gone, then load it again.
+                await self._changed.wait()
+                continue
             if slot.loading is None:
                 self._check_not_failing(slot)
                 slot.loading = asyncio.ensure_future(self._load(slot))
@@ -174,7 +182,11 @@ class ModelPool(Generic[M]):
     def release(self, name: str) -> None:
         slot = self._slot(name)
         slot.leases -= 1
-        self._released.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _check_not_failing(self, slot: Slot[M]) -> None:
         if slot.failed_at is None or slot.error is None:
@@ -215,15 +227,23 @@ class ModelPool(Generic[M]):
             slot.loading = None
 
     async def _make_room(self, need: int, keep: Slot[M]) -> None:
-        """Evict until ``need`` more bytes fit, waiting for leases to end when every
-        loaded model is held; a model alone in the pool loads whatever its size."""
-        while True:
-            self._evict_until(self.budget_bytes - need, keep)
-            others = [s for s in self.slots.values() if s.model is not None and s is not keep]
-            if self.used_bytes + need <= self.budget_bytes or not others:
-                return
-            self._released.clear()
-            await self._released.wait()
+        """Evict until ``need`` more bytes fit; a model alone in the pool loads
+        whatever its size. When every loaded model is held, the least recently
+        used one is drained: it takes no new leases, and goes when its last ends
+        (else steady hits on the loaded models would hold a load off for ever)."""
+        try:
+            while True:
+                self._evict_until(self.budget_bytes - need, keep)
+                others = [n for n in self.loaded() if self.slots[n] is not keep]
+                if self.used_bytes + need <= self.budget_bytes or not others:
+                    return
+                self.slots[others[0]].draining = True
+                await self._changed.wait()
+        finally:
+            for slot in self.slots.values():
+                if slot.draining:
+                    slot.draining = False
+                    self._notify()
 
     def _evict_until(self, limit: int, keep: Slot[M]) -> None:
         for name in self.loaded():
@@ -236,7 +256,9 @@ class ModelPool(Generic[M]):
 
     def _evict(self, slot: Slot[M]) -> None:
         slot.model = None
+        slot.draining = False
         slot.evictions += 1
+        self._notify()
         self._event("evict", slot.name)
         if self._on_evict is not None:
             self._on_evict(slot.name)

@@ -107,6 +107,33 @@ def test_a_model_under_lease_is_never_evicted_and_a_load_waits_for_room() -> Non
     asyncio.run(scenario())
 
 
+def test_steady_hits_on_held_models_never_hold_a_load_off() -> None:
+    async def scenario() -> None:
+        loader = Loader(dict.fromkeys(NAMES, 100))
+        pool, _ = pool_of(loader, budget=250)
+        await pool.acquire("a")
+        await pool.acquire("b")
+        loading = asyncio.create_task(pool.acquire("c"))
+        await asyncio.sleep(0.01)
+        # "a", the least recently used, is drained: a new request for it waits
+        # (it will load again), while "b" still takes requests.
+        assert pool.slots["a"].draining and not loading.done()
+        again = asyncio.create_task(pool.acquire("a"))
+        assert await asyncio.wait_for(pool.acquire("b"), 1) == "model-b"
+        await asyncio.sleep(0.01)
+        assert not again.done()
+        pool.release("a")  # its last lease ends: it goes, "c" loads
+        assert await asyncio.wait_for(loading, 1) == "model-c"
+        assert pool.slots["a"].evictions == 1
+        for name in ("b", "b", "c"):
+            pool.release(name)
+        assert await asyncio.wait_for(again, 1) == "model-a"
+        pool.release("a")
+        assert len(pool.loaded()) == 2 and not any(s.draining for s in pool.slots.values())
+
+    asyncio.run(scenario())
+
+
 def test_concurrent_first_requests_share_one_load() -> None:
     async def scenario() -> None:
         gate = asyncio.Event()
