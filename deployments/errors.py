@@ -90,6 +90,12 @@ class ModelUnavailable(ServiceError):
     code = "model_unavailable"
 
 
+class ModelLoadFailed(Overloaded):
+    """A pooled model could not be loaded on demand; only its own requests fail."""
+
+    code = "model_load_failed"
+
+
 class InferenceFailed(ServiceError):
     status = 500
     code = "inference_failed"

@@ -28,10 +28,11 @@ from deployments.admission import images_in_flight
 from deployments.api import HttpSettings, api_key_from, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
+from deployments.models import spec_for
 from deployments.preprocess import unpack_mask
-from deployments.reports import ModelInfo, ModelsReport, RefineState
+from deployments.reports import ModelInfo, ModelsReport, PoolReplicaInfo, PoolReport, RefineState
 from deployments.service import Job, Remover, RemoverConfig, Served
-from deployments.settings import AppSettings, deployment_name
+from deployments.settings import POOL_DEPLOYMENT, AppSettings, deployment_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -133,10 +134,14 @@ class Ingress:
 
     # Ray actors (so Serve replicas) may have an async __init__; type checkers object.
     async def __init__(  # type: ignore[misc]
-        self, settings: dict[str, Any], models: dict[str, DeploymentHandle]
+        self,
+        settings: dict[str, Any],
+        models: dict[str, DeploymentHandle],
+        pool: DeploymentHandle | None = None,
     ) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.handles = models
+        self.pool = pool
         self.metrics = IngressMetrics()
         api_key = api_key_from(self.settings.api_key, self.settings.api_key_env, os.environ)
         self.http = HttpSettings(
@@ -148,7 +153,21 @@ class Ingress:
         )
         threads = self.settings.ingress_threads or node_cpus()
         predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
-        self.remover = Remover(RemoverConfig.of(self.settings), predictors, threads, serving_cap())
+        pooled = self.settings.pool.models if self.settings.pool else []
+        if pool is not None:
+            for entry in pooled:
+                # Serve routes by the model id to a pool replica that holds the model.
+                routed = pool.options(multiplexed_model_id=entry.name)
+                predictors[entry.name] = partial(predict_with, routed)
+        self.remover = Remover(
+            RemoverConfig.of(self.settings),
+            predictors,
+            threads,
+            serving_cap(),
+            specs={m.name: spec_for(m.spec_name) for m in pooled},
+            # Pooled models load on demand: warming each here would load them all.
+            lazy=frozenset(m.name for m in pooled),
+        )
         self.app_name = serve.get_replica_context().app_name
         self._serve_status: SharedCall[ServeStatus] = SharedCall(
             serve.status, _STATUS_S, _STATUS_TIMEOUT_S
@@ -204,12 +223,15 @@ class Ingress:
             app = (await self._serve_status.get()).applications[self.app_name]
         except Exception as exc:
             logger.warning("serve status unavailable: %r", exc)
-            return dict.fromkeys(self.handles, False)
-        up = {}
-        for name in self.handles:
-            deployment = app.deployments.get(deployment_name(name))
-            running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
-            up[name] = running > 0
+            return dict.fromkeys([*self.handles, *self.settings.pooled_names], False)
+
+        def running(deployment_name: str) -> bool:
+            deployment = app.deployments.get(deployment_name)
+            return bool(deployment and deployment.replica_states.get("RUNNING", 0) > 0)
+
+        up = {name: running(deployment_name(name)) for name in self.handles}
+        pool_up = running(POOL_DEPLOYMENT)
+        up.update(dict.fromkeys(self.settings.pooled_names, pool_up))
         return up
 
     async def models(self, timeout_s: float = 2.0) -> ModelsReport:
@@ -230,8 +252,20 @@ class Ingress:
             return info
 
         infos = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
-        return ModelsReport(
+        report = ModelsReport(
             default=self.settings.default_model_name,
             models=list(infos),
             refine=RefineState.model_validate(self.remover.refine_state),
         )
+        if self.pool is None:
+            return report
+        return report.model_copy(update={"pool": await self._pool_report(self.pool, timeout_s)})
+
+    async def _pool_report(self, pool: DeploymentHandle, timeout_s: float) -> PoolReport:
+        """What one pool replica holds (asked with no model id: any replica answers)."""
+        names = self.settings.pooled_names
+        try:
+            info = await asyncio.wait_for(pool.info.remote(), timeout_s)
+        except Exception as exc:
+            return PoolReport(models=names, reason=type(exc).__name__)
+        return PoolReport(models=names, replica=PoolReplicaInfo.model_validate(info))

@@ -95,3 +95,25 @@ class ModelMetrics:
         for wait in waits_s:
             self.queue_wait.observe(wait, tags=tags)
         self.inference.observe(inference_s, tags=tags)
+
+
+class PoolMetrics:
+    """What a pool replica sees of its models: hits, loads, evictions, failures."""
+
+    def __init__(self) -> None:
+        tags = ("model",)
+        self.events = Counter(
+            "rembg_pool_events_total",
+            "Pooled model events: hit, miss, load, evict, failure.",
+            tag_keys=("model", "event"),
+        )
+        self.load = Histogram(
+            "rembg_pool_load_seconds", "A pooled model's load and warm-up.", _SECONDS, tags
+        )
+        self.used = Gauge("rembg_pool_used_bytes", "Bytes of the pool budget in use.")
+
+    def event(self, event: str, model: str, seconds: float, used_bytes: int) -> None:
+        self.events.inc(tags={"model": model, "event": event})
+        if event == "load":
+            self.load.observe(seconds, tags={"model": model})
+        self.used.set(used_bytes)

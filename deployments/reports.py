@@ -66,6 +66,46 @@ class ModelInfo(BaseModel):
     stale: bool = False
 
 
+class PooledModelInfo(BaseModel):
+    """One pooled model as the pool replica that answered holds it."""
+
+    name: str
+    loaded: bool
+    # Charged against the budget: declared in the config, else measured at load.
+    bytes: int | None = None
+    # The replica's RSS growth over its last load and warm-up.
+    measured_bytes: int | None = None
+    # Requests holding it now (a leased model is never evicted).
+    leases: int = 0
+    loads: int = 0
+    hits: int = 0
+    evictions: int = 0
+    failures: int = 0
+    load_s: float | None = None  # its last load and warm-up
+    # Its last load failed (the exception's class name); it is retried later.
+    error: str | None = None
+
+
+class PoolReplicaInfo(BaseModel):
+    """What one pool replica holds: its models least recently used first."""
+
+    replica: str
+    pid: int
+    budget_bytes: int
+    used_bytes: int
+    loaded: list[str]
+    models: list[PooledModelInfo]
+
+
+class PoolReport(BaseModel):
+    """The pooled models; ``replica`` is the answer of one pool replica, or absent
+    with ``reason`` when none answered."""
+
+    models: list[str]
+    replica: PoolReplicaInfo | None = None
+    reason: str | None = None
+
+
 class RefineState(BaseModel):
     """Whether alpha matting's code is loaded (warm) on the ingress replica that answered."""
 
@@ -82,13 +122,16 @@ class ModelsReport(BaseModel):
     default: str
     models: list[ModelInfo]
     refine: RefineState
+    # Only where the app has a pool of on-demand models.
+    pool: PoolReport | None = None
 
 
 class HealthReport(BaseModel):
     """``GET /healthz``: 200 with ``ok`` while every model can serve, else 503."""
 
     status: Literal["ok", "unavailable"]
-    # Per configured model: does at least one replica run (busy counts as yes).
+    # Per configured model: does at least one replica run (busy counts as yes);
+    # a pooled model: does a pool replica run (it loads the model on demand).
     models: dict[str, bool]
 
     @property

@@ -2,7 +2,8 @@
 
 ``build_app`` reads the app's ``args``, picks the GPU or the CPU path from the
 cluster, and binds one ``ModelServer`` deployment per model (``Model_<name>``)
-behind one ``Ingress``.
+and, where the args have a ``pool``, one ``PoolServer`` (``Pool``) for all the
+pooled models, behind one ``Ingress``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ from ray import serve
 
 from deployments.ingress import Ingress
 from deployments.model_server import ModelServer
+from deployments.pool_server import PoolServer
 from deployments.runtime import use_gpu_for
-from deployments.settings import AppSettings, LiveModelConfig, deployment_name
+from deployments.settings import (
+    POOL_DEPLOYMENT,
+    AppSettings,
+    LiveModelConfig,
+    PoolLiveConfig,
+    deployment_name,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,6 +55,22 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         handles[model.name] = deployment.bind(
             model.model_dump(mode="json"), settings.num_gpus if gpu else 0.0
         )
-    logger.info("building app: device %s, models %s", "gpu" if gpu else "cpu", list(handles))
-    app: serve.Application = ingress.bind(settings.model_dump(mode="json"), handles)
+    pool = None
+    if settings.pool is not None:
+        pool = (
+            cast(serve.Deployment, PoolServer)
+            .options(
+                name=POOL_DEPLOYMENT,
+                ray_actor_options=actor_options,
+                user_config=PoolLiveConfig().model_dump(mode="json"),
+            )
+            .bind(settings.pool.model_dump(mode="json"), settings.num_gpus if gpu else 0.0)
+        )
+    logger.info(
+        "building app: device %s, models %s, pooled %s",
+        "gpu" if gpu else "cpu",
+        list(handles),
+        settings.pooled_names,
+    )
+    app: serve.Application = ingress.bind(settings.model_dump(mode="json"), handles, pool)
     return app

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Set
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ from deployments.compose import warm_refine
 from deployments.decode import probe
 from deployments.errors import PayloadTooLarge, UnknownModel
 from deployments.memory import IdleTrimmer, reuse_image_memory
-from deployments.models import spec_for
+from deployments.models import ModelSpec, spec_for
 from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.pipeline import ImageSettings, finish, prepare, sample_jpeg
 from deployments.refine import compile_refiners_aside, quiet_for
@@ -117,10 +117,16 @@ class Remover:
         models: Mapping[str, Predict],
         threads: int,
         max_in_flight: int | None = None,
+        specs: Mapping[str, ModelSpec] | None = None,
+        lazy: Set[str] = frozenset(),
     ) -> None:
         self.config = config
         self.models = dict(models)
-        self.specs = {name: spec_for(name) for name in models}
+        # A model's constants: from ``specs`` (a pooled model named apart from its
+        # table entry), else the table's entry of its name.
+        self.specs = {name: (specs or {}).get(name) or spec_for(name) for name in models}
+        # Models the warm-up leaves alone (loaded on demand: the pool's).
+        self.lazy = lazy
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="stages")
         self.refine_pool = ThreadPoolExecutor(
             config.refine_concurrency, thread_name_prefix="refine"
@@ -279,6 +285,8 @@ class Remover:
         data = sample_jpeg(self.config.image.limits)
         rates = []
         for name in self.models:
+            if name in self.lazy:
+                continue
             job = Job(data, name, CutoutOptions())
             try:
                 # The first pass warms (and may wait for the model to come up);

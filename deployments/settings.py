@@ -24,6 +24,8 @@ from deployments.options import Fidelity
 
 # Each served model is one Serve deployment, named after it.
 MODEL_DEPLOYMENT_PREFIX = "Model_"
+# The one deployment that serves every pooled model (``AppSettings.pool``).
+POOL_DEPLOYMENT = "Pool"
 
 
 def deployment_name(model: str) -> str:
@@ -86,6 +88,53 @@ class ModelConfig(_Strict):
         return name
 
 
+class PooledModel(_Strict):
+    """A model served on demand from the pool: the name requests give, the
+    table entry whose constants it uses (default: the same name), and its file
+    (default: rembg's store)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model: str | None = None
+    path: Path | None = None
+    # Its memory when loaded and warm, charged against the budget; None: what
+    # its load measured (the replica's RSS growth over load and warm-up).
+    bytes: int | None = Field(default=None, gt=0)
+
+    @property
+    def spec_name(self) -> str:
+        return self.model or self.name
+
+    @model_validator(mode="after")
+    def _known(self) -> PooledModel:
+        if self.spec_name not in MODEL_TABLE:
+            raise ValueError(
+                f"model {self.name!r}: {self.spec_name!r} is not in the model table "
+                f"(set `model` to one of: {', '.join(sorted(MODEL_TABLE))})"
+            )
+        return self
+
+
+class PoolConfig(_Strict):
+    """Models loaded on demand by one multiplexed deployment, under a memory budget
+    per replica: least recently used ones are evicted to make room (README
+    "Dedicated or pooled models")."""
+
+    models: list[PooledModel] = Field(min_length=1, max_length=64)
+    # Memory per pool replica for loaded models, in bytes (a u2net-size model
+    # warm at batch 4 on the CPU: ~1.1 GB).
+    budget_bytes: int = Field(gt=0)
+    # A model that failed to load fails its requests (503) this long before the
+    # next try.
+    retry_failed_s: float = Field(default=30.0, ge=0)
+
+
+class PoolLiveConfig(_Strict):
+    """The pool deployment's ``user_config``: batch knobs, applied live."""
+
+    max_batch_size: int = Field(default=4, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10)
+
+
 class AppSettings(_Strict):
     """The application's ``args`` in serve_config.yaml."""
 
@@ -95,6 +144,8 @@ class AppSettings(_Strict):
     # Model used when a request names none (rembg's server defaults to
     # bria-rmbg; this service defaults to its first configured model).
     default_model: str | None = None
+    # Optional: models served on demand from one multiplexed deployment.
+    pool: PoolConfig | None = None
     device: Literal["auto", "gpu", "cpu"] = "auto"
     # GPU fraction per model replica where the device is a GPU.
     num_gpus: float = Field(default=0.25, gt=0, le=1)
@@ -148,9 +199,9 @@ class AppSettings(_Strict):
 
     @model_validator(mode="after")
     def _default_is_configured(self) -> AppSettings:
-        names = [m.name for m in self.models]
+        names = [m.name for m in self.models] + self.pooled_names
         if len(set(names)) != len(names):
-            raise ValueError(f"a model is listed twice: {names}")
+            raise ValueError(f"a model is listed twice (dedicated or pooled): {names}")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not among models {names}")
         if self.pixel_budget < self.limits.max_pixels:
@@ -166,6 +217,10 @@ class AppSettings(_Strict):
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
         return cls.model_validate(app.get("args") or {})
+
+    @property
+    def pooled_names(self) -> list[str]:
+        return [m.name for m in self.pool.models] if self.pool else []
 
     @property
     def default_model_name(self) -> str:
