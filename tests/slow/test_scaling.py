@@ -247,7 +247,7 @@ class GpuProbe:
 def model_actor_options(app: serve.Application) -> dict[str, Any]:
     """The model deployment's ray_actor_options, as build_app set them."""
     ingress = app._bound_deployment
-    _settings, handles = ingress.init_args
+    _settings, handles, _pool = ingress.init_args
     (model,) = handles.values()
     options: dict[str, Any] = model._bound_deployment.ray_actor_options
     return options
