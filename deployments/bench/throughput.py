@@ -17,6 +17,7 @@ Measured in one run, on this machine:
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import statistics
@@ -125,7 +126,7 @@ def _no_warning(self: object) -> None:
 
 
 @contextmanager
-def batching_outside_a_replica(*classes: type) -> Iterator[None]:
+def batching_outside_a_replica() -> Iterator[None]:
     """Lets ``@serve.batch`` run in this process, with no Serve replica around it.
 
     Serve's batch queue reads the replica's config only to log a warning
@@ -133,11 +134,6 @@ def batching_outside_a_replica(*classes: type) -> Iterator[None]:
     replica context; outside a replica there is none and that read raises. Ray
     offers no public switch, so that one check is skipped while this is open, and
     put back when it closes: the batching itself is Serve's own.
-
-    On closing, the batch queues that ``classes``' batched methods built here are
-    dropped: Serve builds one lazily, in the replica, and a class holding a built
-    one cannot be pickled, so a later deployment of the class from this process
-    (the benchmark's cluster part) would fail to serialize it.
     """
     check = _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests
     _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = _no_warning
@@ -145,12 +141,32 @@ def batching_outside_a_replica(*classes: type) -> Iterator[None]:
         yield
     finally:
         _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = check
-        for cls in classes:
-            for member in vars(cls).values():
-                # @serve.batch exposes its lazy queue holder through these bound setters.
-                holder = getattr(getattr(member, "set_max_batch_size", None), "__self__", None)
-                if holder is not None and hasattr(holder, "_queue"):
-                    holder._queue = None
+
+
+async def drop_batch_queues(*classes: type) -> None:
+    """Stop and drop the batch queues ``classes``' ``@serve.batch`` methods built here.
+
+    Serve builds a method's queue lazily, in the replica; a class holding a built
+    one cannot be pickled, so a later deployment of the class from this process
+    (the benchmark's cluster part) would fail to serialize it. Each queue's batching
+    task is cancelled and awaited and the queue collected here, on the running
+    loop: collected later with no loop running, Serve's queue makes an event loop
+    of its own and leaves it open.
+    """
+    for cls in classes:
+        for member in vars(cls).values():
+            # @serve.batch exposes its lazy queue holder through these bound setters.
+            holder: Any = getattr(getattr(member, "set_max_batch_size", None), "__self__", None)
+            queue = getattr(holder, "_queue", None)
+            if queue is None:
+                continue
+            task = queue._handle_batch_task
+            holder._queue = None
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    queue = task = None
+    gc.collect()
 
 
 class InProcess:
@@ -164,7 +180,7 @@ class InProcess:
         # Ray is not running here: the CPUs the replica would be given are passed
         # in, and the batch queue runs without a replica (batching_outside_a_replica).
         # The session, the @serve.batch policy and the stages are the service's own.
-        self.stack.enter_context(batching_outside_a_replica(ModelServer.func_or_class))  # type: ignore[attr-defined]
+        self.stack.enter_context(batching_outside_a_replica())
         try:
             await self._start()
         except BaseException:
@@ -187,6 +203,7 @@ class InProcess:
     async def __aexit__(self, *exc: object) -> None:
         try:
             self.remover.close()
+            await drop_batch_queues(ModelServer.func_or_class)  # type: ignore[attr-defined]
         finally:
             self.stack.close()
 

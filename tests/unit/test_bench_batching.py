@@ -11,7 +11,7 @@ import pytest
 from ray import cloudpickle, serve
 from ray.serve.exceptions import RayServeException
 
-from deployments.bench.throughput import batching_outside_a_replica
+from deployments.bench.throughput import batching_outside_a_replica, drop_batch_queues
 
 
 @pytest.fixture(autouse=True)
@@ -57,20 +57,22 @@ def test_in_process_batching_is_serves_and_only_while_open() -> None:
 
 def test_a_class_batched_in_process_can_still_be_deployed() -> None:
     """Serve pickles a deployment's class; a batch queue built in this process
-    cannot be pickled, so the context drops the ones its classes built (the
-    benchmark deploys ModelServer after running it in process)."""
+    cannot be pickled, so the in-process run drops the ones it built (the
+    benchmark deploys ModelServer after running it in process), on its own loop."""
 
     class Halver:
         @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.1)
         async def halve(self, values: list[int]) -> list[int]:
             return [v // 2 for v in values]
 
-    async def call() -> list[int]:
+    async def run() -> list[int]:
         halver = Halver()
-        return list(await asyncio.gather(halver.halve(2), halver.halve(4)))
-
-    with batching_outside_a_replica(Halver):
-        assert asyncio.run(call()) == [1, 2]
+        halves = list(await asyncio.gather(halver.halve(2), halver.halve(4)))
         with pytest.raises(TypeError, match="pickle"):
             cloudpickle.dumps(Halver)  # the queue built here is in the class
+        await drop_batch_queues(Halver)
+        return halves
+
+    with batching_outside_a_replica():
+        assert asyncio.run(run()) == [1, 2]
     assert cloudpickle.loads(cloudpickle.dumps(Halver)).__name__ == "Halver"
