@@ -42,7 +42,7 @@ from deployments.bulk_report import Summary, report, write_failures
 from deployments.decode import Limits, probe
 from deployments.errors import PayloadTooLarge, ServiceError
 from deployments.files import write_atomic
-from deployments.memory import reuse_image_memory
+from deployments.memory import reuse_image_memory, rss_bytes
 from deployments.models import resolve_model_file, spec_for
 from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.pipeline import ImageSettings, Prepared, finish, prepare
@@ -50,15 +50,6 @@ from deployments.runtime import use_gpu_for
 from deployments.settings import AppSettings, LiveModelConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
-
-
-def _rss_mib() -> float:
-    """This process's resident memory now, in MiB (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:
@@ -172,7 +163,7 @@ class Cutter:
             "message": message,
             "pixels": pixels,
             "actor": np.full(n, self.actor, dtype=object),
-            "rss_mib": np.full(n, _rss_mib()),
+            "rss_mib": np.full(n, rss_bytes() / 2**20),
             "decoded": np.full(n, decoded, dtype=np.int64),
         }
 

@@ -10,12 +10,23 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from functools import partial
 
 from PIL import _imaging as pillow_core
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
 
 # Freed image memory Pillow keeps, in bytes per pixel of the budget: one RGBA
 # image's worth (a pixel in flight holds ~12 bytes: decoded, cut-out, mask, PNG).

@@ -26,7 +26,7 @@ from ray import serve
 
 from deployments.errors import InferenceFailed, ModelLoadFailed, ServiceError, UnknownModel
 from deployments.infer import OnnxModel
-from deployments.memory import malloc_trim
+from deployments.memory import malloc_trim, rss_bytes
 from deployments.metrics import ModelMetrics, PoolMetrics
 from deployments.model_server import Resources, _replica_id
 from deployments.models import resolve_model_file, spec_for
@@ -47,10 +47,12 @@ _SERVE_CACHE_COUNT = 64
 _SERVE_CACHE_ATTR = "__serve_multiplex_wrapper"
 
 
-def rss_bytes() -> int:
-    """This process's resident memory (Linux)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def load_failed(name: str, exc: LoadFailed) -> ModelLoadFailed:
+    """What the caller of a pooled model that could not be loaded gets: a 503."""
+    return ModelLoadFailed(
+        f"model {name!r} could not be loaded; retry in {exc.retry_after_s:.0f}s",
+        retry_after_s=max(1, round(exc.retry_after_s)),
+    )
 
 
 @dataclass(frozen=True)
@@ -153,10 +155,7 @@ class PoolServer:
         try:
             await self.pool.ensure(name)
         except LoadFailed as exc:
-            raise ModelLoadFailed(
-                f"model {name!r} could not be loaded; retry in {exc.retry_after_s:.0f}s",
-                retry_after_s=max(1, round(exc.retry_after_s)),
-            ) from exc
+            raise load_failed(name, exc) from exc
 
     @serve.batch(
         max_batch_size=_DEFAULTS.max_batch_size,
@@ -216,10 +215,7 @@ class PoolServer:
             async with lease:
                 result = await self._predict_batch(PoolPending(name, image, arrived))
         except LoadFailed as exc:  # evicted since, and its reload failed
-            raise ModelLoadFailed(
-                f"model {name!r} could not be loaded; retry in {exc.retry_after_s:.0f}s",
-                retry_after_s=max(1, round(exc.retry_after_s)),
-            ) from exc
+            raise load_failed(name, exc) from exc
         if isinstance(result, ServiceError):
             raise result
         return pack_mask(result)
