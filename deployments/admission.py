@@ -38,6 +38,25 @@ def images_in_flight(max_ongoing_requests: int) -> int:
     return max_ongoing_requests
 
 
+class Places:
+    """The requests one replica takes at once, over all its lanes (``Admission``s
+    that share it): ``max_in_flight``, a cap under Serve's own
+    ``max_ongoing_requests`` (None: no cap).
+
+    Serve queues every request behind ``max_ongoing_requests``, /healthz
+    included, and answers 503 when its queue is full; requests refused here keep
+    the last places free for those.
+    """
+
+    def __init__(self, max_in_flight: int | None = None) -> None:
+        self.max_in_flight = max_in_flight
+        self.lanes: list[Admission] = []
+
+    def taken(self) -> int:
+        """Requests admitted or reading their body, in every lane."""
+        return sum(lane.in_flight + lane.reading for lane in self.lanes)
+
+
 class Admission:
     """Admit a request only if it can finish within the deadline, at the measured rate.
 
@@ -50,6 +69,11 @@ class Admission:
     brings every refused client back at once: refusals then cost more CPU than
     the work they make room for.) Until ``window`` completions are in, the rate
     is ``initial_rate`` (from the warm-up).
+
+    One ``Admission`` is one lane: the requests for one model deployment, whose
+    rate is theirs alone (a pool that loads models, or a slower model, never
+    makes another model's requests look slow). Lanes of one replica share its
+    ``Places``, the cap on requests at once.
     """
 
     def __init__(
@@ -60,15 +84,14 @@ class Admission:
         max_in_flight: int | None = None,
         what: str = "requests",
         measured_after: int | None = None,
+        places: Places | None = None,
     ) -> None:
         self.deadline_s = deadline_s
         # What it admits, in its refusals ("requests", "refinements").
         self.what = what
         self.initial_rate = initial_rate
-        # A cap under Serve's own (max_ongoing_requests): Serve queues every
-        # request behind it, /healthz included, and answers 503 when its queue is
-        # full; requests refused here keep the last places free for those.
-        self.max_in_flight = max_in_flight
+        self.places = places or Places(max_in_flight)
+        self.places.lanes.append(self)
         self.in_flight = 0
         # Requests reading their body, not admitted yet: they count against the
         # cap (each holds one of Serve's places) but not against the deadline
@@ -80,6 +103,26 @@ class Admission:
         # Completions before the measured rate replaces ``initial_rate`` (the
         # whole window unless told: for slow work, whose first estimate is rough).
         self.measured_after = max(2, min(window, measured_after or window))
+
+    def lane(self, initial_rate: float | None = None) -> Admission:
+        """Another lane of this replica: its own rate, the same deadline and places."""
+        return Admission(
+            self.deadline_s,
+            self.initial_rate if initial_rate is None else initial_rate,
+            self._completions.maxlen or 32,
+            what=self.what,
+            measured_after=self.measured_after,
+            places=self.places,
+        )
+
+    @property
+    def max_in_flight(self) -> int | None:
+        """The cap of the places this lane shares (None: none)."""
+        return self.places.max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, value: int | None) -> None:
+        self.places.max_in_flight = value
 
     def _busy_clock(self) -> float:
         running = 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
@@ -102,9 +145,11 @@ class Admission:
         deadline; count nothing in (a request is refused this way before its
         body is read, and admitted with ``admit`` once it is)."""
         expected = self.expected_s()
-        taken = self.in_flight + self.reading
+        taken = self.places.taken()
         full = self.max_in_flight is not None and taken >= self.max_in_flight
-        if (expected > self.deadline_s or full) and taken > 0:
+        # A lane with nothing in progress always takes one, if there is a place.
+        late = expected > self.deadline_s and self.in_flight + self.reading > 0
+        if (full and taken > 0) or late:
             drain_s = max(1, math.ceil(max(1, self.in_flight) / self.rate()))
             why = (
                 f"{taken} {self.what} in progress, the most this replica takes"

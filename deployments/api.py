@@ -51,9 +51,12 @@ logger = logging.getLogger("ray.serve")
 class RemoveService(Protocol):
     """What the routes need from the service behind them."""
 
-    def reading(self, refining: bool) -> AbstractAsyncContextManager[None]:
+    def reading(
+        self, refining: bool, model: str | None = None
+    ) -> AbstractAsyncContextManager[None]:
         """Entered to read a request's body (``refining``: it asks for matting or
-        decontamination); raises ``Overloaded`` (503) if it would be refused now."""
+        decontamination; ``model``: the one it names, where known before the
+        body); raises ``Overloaded`` (503) if it would be refused now."""
         ...
 
     async def remove(self, job: Job) -> Served:
@@ -308,7 +311,8 @@ def build_api(service: RemoveService, settings: HttpSettings) -> FastAPI:
     async def remove(request: Request, query: Annotated[RemoveQuery, Query()]) -> Response:
         options = query.cutout()
         # Refused before the body is read when busy; admitted once it is read.
-        async with service.reading(options.alpha_matting or options.decontaminate):
+        refining = options.alpha_matting or options.decontaminate
+        async with service.reading(refining, query.model):
             if request.headers.get("content-type", "").lower().startswith("multipart/"):
                 data = (await read_multipart(request, limit, read_s)).data
             else:

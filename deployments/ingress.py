@@ -208,9 +208,11 @@ class Ingress:
         )
         return served
 
-    def reading(self, refining: bool) -> AbstractAsyncContextManager[None]:
+    def reading(
+        self, refining: bool, model: str | None = None
+    ) -> AbstractAsyncContextManager[None]:
         self.remover.admission.max_in_flight = serving_cap()
-        return self.remover.reading(refining)
+        return self.remover.reading(refining, model)
 
     async def health(self) -> dict[str, bool]:
         """Per model: does at least one of its replicas run, in Serve's own status.

@@ -138,6 +138,18 @@ class Remover:
         self.admission = Admission(
             config.deadline_s, 10 / config.deadline_s, max_in_flight=max_in_flight
         )
+        # One lane (rate) per model deployment, sharing the replica's places: the
+        # default model's is ``admission``; the pooled models share one (a model
+        # the pool loads never makes a dedicated model's requests look slow).
+        pool_lane = self.admission.lane() if lazy else self.admission
+        self.lanes: dict[str, Admission] = {}
+        for name in self.models:
+            if name in lazy:
+                self.lanes[name] = pool_lane
+            elif name == config.default_model:
+                self.lanes[name] = self.admission
+            else:
+                self.lanes[name] = self.admission.lane()
         # Matting and decontamination queue for their own threads: admitted by
         # that queue's own drain time, so that a flood of them is refused once it
         # cannot finish in time, and plain requests never wait behind them.
@@ -155,7 +167,16 @@ class Remover:
 
     def busy(self) -> bool:
         """Whether a request is in flight."""
-        return self.admission.in_flight + self.refine_admission.in_flight > 0
+        lanes = self.admission.places.lanes
+        return sum(lane.in_flight for lane in lanes) + self.refine_admission.in_flight > 0
+
+    def lane(self, model: str | None, refining: bool) -> Admission:
+        """The admission a request for ``model`` (None: the default) goes through:
+        refinements queue apart, an unknown model (a 404 later) the default's."""
+        if refining:
+            return self.refine_admission
+        default = self.lanes.get(self.config.default_model, self.admission)
+        return self.lanes.get(model or self.config.default_model, default)
 
     @staticmethod
     async def on_thread(executor: Executor, running: list[Future[Any]], fn: Callable[[], T]) -> T:
@@ -176,12 +197,13 @@ class Remover:
         return name
 
     @asynccontextmanager
-    async def reading(self, refining: bool) -> AsyncIterator[None]:
+    async def reading(self, refining: bool, model: str | None = None) -> AsyncIterator[None]:
         """While a request's body is read: ``Overloaded`` (503) at once if it would
         be refused now (a flood is refused without reading it); counted against
         the cap on requests, not against the deadline, until the block ends.
-        ``refining``: it asks for matting or decontamination."""
-        admission = self.refine_admission if refining else self.admission
+        ``refining``: it asks for matting or decontamination; ``model``: the one
+        it names, where known before the body (None: the default's lane)."""
+        admission = self.lane(model, refining)
         admission.check()
         admission.reading += 1
         try:
@@ -199,8 +221,7 @@ class Remover:
         pixels until it ends, and the replica counts as busy until then.
         """
         name = self.model_name(job)
-        refining = job.options.alpha_matting or job.options.decontaminate
-        admission = self.refine_admission if refining else self.admission
+        admission = self.lane(name, job.options.alpha_matting or job.options.decontaminate)
         admission.admit()
         running: list[Future[Any]] = []
         completed = False
@@ -279,11 +300,12 @@ class Remover:
 
         Sets up what a first request would otherwise pay for: the pool's threads,
         Pillow's codecs, the allocator's first large buffers, each model's route.
-        Its time is the admission's first rate estimate. Best effort: a model that
-        cannot answer fails its own replica's start.
+        Its time is its lane's first rate estimate (the pooled models': the
+        slowest dedicated model's). Best effort: a model that cannot answer fails
+        its own replica's start.
         """
         data = sample_jpeg(self.config.image.limits)
-        rates = []
+        rates: dict[str, float] = {}
         for name in self.models:
             if name in self.lazy:
                 continue
@@ -299,17 +321,20 @@ class Remover:
                 logger.warning("warm-up through %s failed: %r", name, exc)
             else:
                 took = time.perf_counter() - warmed
-                rates.append(1 / took)
+                rates[name] = 1 / took
                 logger.info(
                     "warm through %s in %.2fs; one image then took %.2fs",
                     name,
                     warmed - started,
                     took,
                 )
-        if rates:
-            # A first estimate of the rate admission judges by: one image at a time,
-            # on the slowest model (pipelining and batching only do better).
-            self.admission.initial_rate = min(rates)
+        # A first estimate of the rate admission judges by: one image at a time
+        # (pipelining and batching only do better).
+        for name, lane in self.lanes.items():
+            if name in rates:
+                lane.initial_rate = rates[name]
+            elif rates:
+                lane.initial_rate = min(rates.values())
 
     async def warm_refine(self, background: bool = True) -> None:
         """Load and run the refiners once (see ``warm_refine``); the outcome is in

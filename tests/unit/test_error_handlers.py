@@ -25,7 +25,7 @@ class BrokenService:
         self.counted_errors: list[ServiceError] = []
 
     @contextlib.asynccontextmanager
-    async def reading(self, refining: bool) -> AsyncIterator[None]:
+    async def reading(self, refining: bool, model: str | None = None) -> AsyncIterator[None]:
         yield
 
     async def remove(self, job: Job) -> Served:

@@ -21,6 +21,7 @@ from deployments import service
 from deployments.admission import Admission, PixelBudget, images_in_flight
 from deployments.compose import warm_refine
 from deployments.errors import Overloaded, PayloadTooLarge
+from deployments.models import spec_for
 from deployments.options import CutoutOptions
 from deployments.service import Job, Remover, RemoverConfig
 from deployments.settings import AppSettings
@@ -77,6 +78,54 @@ def test_admission_measures_its_rate_over_busy_time_only() -> None:
         admission.release(completed=True)
         time.sleep(0.1)
     assert 15 <= admission.rate() <= 25, admission.rate()
+
+
+def test_lanes_judge_by_their_own_rate_and_share_the_places() -> None:
+    fast = Admission(deadline_s=10, initial_rate=10.0, max_in_flight=6)
+    slow = fast.lane(initial_rate=0.1)  # a pool loading models: 10 s an image
+    slow.admit()
+    with pytest.raises(Overloaded, match="over the 10s deadline"):
+        slow.admit()  # the second would finish in 20 s at this lane's rate
+    for _ in range(5):
+        fast.admit()  # the slow lane's backlog is not the fast lane's
+    with pytest.raises(Overloaded, match="6 requests in progress"):
+        fast.admit()  # but both hold the replica's places
+    slow.release(completed=True)
+    fast.admit()
+    assert fast.places.taken() == 6 and fast.max_in_flight == slow.max_in_flight == 6
+
+
+def test_a_pooled_models_requests_do_not_slow_a_dedicated_ones() -> None:
+    async def scenario() -> None:
+        config = RemoverConfig.of(AppSettings(deadline_s=10))
+        models = {"u2netp": ZeroMask(), "pooled": ZeroMask()}
+        remover = Remover(
+            config,
+            models,
+            threads=2,
+            specs={"pooled": spec_for("u2netp")},
+            lazy=frozenset({"pooled"}),
+        )
+        try:
+            await remover.warm_up()
+            dedicated, pooled = remover.lane("u2netp", False), remover.lane("pooled", False)
+            assert dedicated is remover.admission and pooled is not dedicated
+            assert remover.lane(None, False) is dedicated  # the default model's
+            assert remover.lane("pooled", True) is remover.refine_admission
+            # The pooled lane measured a pool that loads: one image every 10 s.
+            pooled.initial_rate = 0.1
+            pooled.admit()
+            with pytest.raises(Overloaded):
+                async with remover.reading(refining=False, model="pooled"):
+                    pass
+            async with remover.reading(refining=False, model="u2netp"):
+                pass
+            served = await remover.serve(Job(image_bytes(gradient(64, 48)), None, CutoutOptions()))
+            assert (served.width, served.height) == (64, 48)
+        finally:
+            remover.close()
+
+    asyncio.run(scenario())
 
 
 def test_pixel_budget_is_first_come_first_served() -> None:
