@@ -169,11 +169,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from deployments.errors import ModelUnavailable
-    from deployments.settings import ModelConfig
 
     # Imported here: bulk mode pulls in Ray Data, which the other commands never need.
     try:
-        from deployments.bulk import BulkConfig, main_run
+        from deployments.bulk import BulkConfig, main_run, model_config
     except ImportError as exc:
         print(
             f"bulk mode needs Ray Data ({exc.name} is missing): pip install 'rembg-serve[bulk]'",
@@ -189,9 +188,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         settings = (
             AppSettings() if config_file is None else AppSettings.from_serve_config(config_file)
         )
-        if query.model is not None:
-            ModelConfig(name=query.model)  # a known name, or the error says which are
-    except (OSError, OptionsError, ValidationError, ValueError) as exc:
+        # A dedicated or pooled name of these settings, or one of rembg's; else
+        # the error lists them.
+        model_config(settings, query.model)
+    except (ModelUnavailable, OSError, OptionsError, ValidationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = BulkConfig(
