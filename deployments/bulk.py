@@ -40,10 +40,10 @@ from deployments.admission import PixelBudget
 from deployments.bulk_plan import Plan, budget_groups, filesystem, plan
 from deployments.bulk_report import Summary, report, write_failures
 from deployments.decode import Limits, probe
-from deployments.errors import PayloadTooLarge, ServiceError
+from deployments.errors import ModelUnavailable, PayloadTooLarge, ServiceError
 from deployments.files import write_atomic
 from deployments.memory import reuse_image_memory, rss_bytes
-from deployments.models import resolve_model_file, spec_for
+from deployments.models import MODEL_TABLE, resolve_model_file, spec_for
 from deployments.options import CutoutOptions, Fidelity, OutputFormat
 from deployments.pipeline import ImageSettings, Prepared, finish, prepare
 from deployments.runtime import use_gpu_for
@@ -231,12 +231,35 @@ class BulkConfig:
     progress: bool = True
 
 
-def _model_config(config: BulkConfig) -> ModelConfig:
-    name = config.model or config.settings.default_model_name
-    for model in config.settings.models:
+def model_config(settings: AppSettings, name: str | None) -> ModelConfig:
+    """What the actors load for the model a run names (None: the settings' default).
+
+    A dedicated model is its own ``ModelConfig``. A pooled one (``settings.pool``)
+    is loaded as a dedicated one would be, with its table entry's constants and
+    its file: ``ModelConfig(name=spec_name, path=path)``, as the pool's replicas
+    resolve it. Any other name of the model table is that model from rembg's
+    store. Raises ``ModelUnavailable`` for a name that is none of these, listing
+    the dedicated and pooled ones.
+    """
+    name = name or settings.default_model_name
+    for model in settings.models:
         if model.name == name:
             return model
-    return ModelConfig(name=name)
+    for pooled in settings.pool.models if settings.pool else []:
+        if pooled.name == name:
+            return ModelConfig(name=pooled.spec_name, path=pooled.path)
+    if name in MODEL_TABLE:
+        return ModelConfig(name=name)
+    dedicated = ", ".join(m.name for m in settings.models)
+    pooled_names = ", ".join(settings.pooled_names) or "none"
+    raise ModelUnavailable(
+        f"unknown model {name!r}; dedicated: {dedicated}; pooled: {pooled_names}; "
+        f"or any of rembg's: {', '.join(sorted(MODEL_TABLE))}"
+    )
+
+
+def _model_config(config: BulkConfig) -> ModelConfig:
+    return model_config(config.settings, config.model)
 
 
 def _actor_resources(config: BulkConfig) -> tuple[dict[str, float], int]:
@@ -329,7 +352,13 @@ def main_run(input_uri: str, output_uri: str, config: BulkConfig, address: str |
         # On this machine the actors find the model where this process does: a
         # missing one is said now, not as an actor's failure after Ray started.
         model = _model_config(config)
-        resolve_model_file(model.name, model.path)
+        try:
+            resolve_model_file(model.name, model.path)
+        except ModelUnavailable as exc:
+            asked = config.model or config.settings.default_model_name
+            if asked == model.name:
+                raise
+            raise ModelUnavailable(f"pooled model {asked!r}: {exc}") from exc
     # Planned before Ray starts: a refused run costs no cluster, a finished one
     # needs none.
     work = plan(input_uri, output_uri, "." + config.fmt)

@@ -23,6 +23,7 @@ from deployments.client import DEFAULT_URL, ApiError, AsyncClient, Client, Optio
 from deployments.decode import Limits
 from deployments.files import FileJob, output_is_whole, plan, remove_leftovers, write_atomic
 from deployments.options import OptionsError, parse
+from deployments.reports import PoolReport
 from deployments.settings import AppSettings, LiveModelConfig
 
 API_KEY_ENV = "REMBG_SERVE_API_KEY"
@@ -169,11 +170,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from deployments.errors import ModelUnavailable
-    from deployments.settings import ModelConfig
 
     # Imported here: bulk mode pulls in Ray Data, which the other commands never need.
     try:
-        from deployments.bulk import BulkConfig, main_run
+        from deployments.bulk import BulkConfig, main_run, model_config
     except ImportError as exc:
         print(
             f"bulk mode needs Ray Data ({exc.name} is missing): pip install 'rembg-serve[bulk]'",
@@ -189,9 +189,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         settings = (
             AppSettings() if config_file is None else AppSettings.from_serve_config(config_file)
         )
-        if query.model is not None:
-            ModelConfig(name=query.model)  # a known name, or the error says which are
-    except (OSError, OptionsError, ValidationError, ValueError) as exc:
+        # A dedicated or pooled name of these settings, or one of rembg's; else
+        # the error lists them.
+        model_config(settings, query.model)
+    except (ModelUnavailable, OSError, OptionsError, ValidationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = BulkConfig(
@@ -235,7 +236,40 @@ def cmd_health(args: argparse.Namespace) -> int:
                     f", batches formed {info.batch_sizes_formed or {}}"
                 )
             print(f"  {info.name}{default}: {warm}{detail}")
+        if models.pool is not None:
+            for line in _pool_lines(models.pool, models.default):
+                print(line)
     return 0 if health.ok else 1
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _pool_lines(pool: PoolReport, default: str) -> list[str]:
+    """The pooled models as ``health`` prints them: the answering replica, then
+    each model, loaded there or not, its size and its counts."""
+    replica = pool.replica
+    if replica is None:
+        return [
+            f"  pool: no replica answered ({pool.reason or 'unknown'}); "
+            f"pooled: {', '.join(pool.models)}"
+        ]
+    lines = [
+        f"  pool, replica {replica.replica} (pid {replica.pid}): "
+        f"{_mib(replica.used_bytes)} of {_mib(replica.budget_bytes)} used"
+    ]
+    for model in replica.models:
+        where = f"loaded on {replica.replica}" if model.loaded else "not loaded"
+        size = "" if model.bytes is None else f", {_mib(model.bytes)}"
+        leases = f", {model.leases} in use" if model.leases else ""
+        error = f", last load failed: {model.error}" if model.error else ""
+        mark = " (default)" if model.name == default else ""
+        lines.append(
+            f"    {model.name}{mark}: {where}{size}{leases}, loads {model.loads}, "
+            f"hits {model.hits}, evictions {model.evictions}, failures {model.failures}{error}"
+        )
+    return lines
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:

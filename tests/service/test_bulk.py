@@ -39,6 +39,7 @@ from deployments.bulk import BulkConfig, Cutter, Job, run
 from deployments.bulk_report import FAILURES_NAME, iter_failures
 from deployments.cli import main
 from deployments.decode import Limits
+from deployments.models import resolve_model_file
 from deployments.options import CutoutOptions, Fidelity
 from deployments.pipeline import ImageSettings
 from deployments.settings import AppSettings, ModelConfig
@@ -245,3 +246,23 @@ def test_a_model_error_of_any_kind_is_its_images_failure(local_ray: str, tmp_pat
     assert list(rows["message"]) == ["ValueError", "ValueError"]
     assert not (tmp_path / "out").exists()
     assert cutter.budget.free == settings.pixel_budget
+
+
+def test_a_pooled_model_runs_as_a_dedicated_one(local_ray: str, tmp_path: Path) -> None:
+    """A run names a pooled model (u2netp's file under another name and path): its
+    actors load that file with u2netp's constants, and cut the dedicated model's pixels."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(FIXTURES / "car-1.jpg", src / "car.jpg")
+    copy = tmp_path / "copy" / "weights.onnx"
+    copy.parent.mkdir()
+    shutil.copyfile(resolve_model_file("u2netp"), copy)
+    pool = {"models": [{"name": "pool-a", "model": "u2netp", "path": str(copy)}]}
+    settings = AppSettings.model_validate({"pool": {**pool, "budget_bytes": 10**9}})
+    outputs: dict[str, bytes] = {}
+    for name in ("pool-a", "u2netp"):
+        out = tmp_path / name
+        summary = run(str(src), str(out), BulkConfig(settings, model=name, progress=False))
+        assert (summary.done, summary.failed) == (1, 0), name
+        outputs[name] = (out / "car.png").read_bytes()
+    assert outputs["pool-a"] == outputs["u2netp"]

@@ -1,5 +1,6 @@
-"""Bulk mode without Ray: arguments refused before Ray starts, the plan (nesting,
-temporaries, names, resumes), the pixel budget."""
+"""Bulk mode without Ray: arguments refused before Ray starts, the model a name
+loads (dedicated, pooled, rembg's), the plan (nesting, temporaries, names,
+resumes), the pixel budget."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import pytest
 from conftest import gradient
 from deployments import bulk_plan
 from deployments.admission import PixelBudget
+from deployments.bulk import model_config
 from deployments.cli import main
+from deployments.errors import ModelUnavailable
 from deployments.files import PlanRefused, partial_name
+from deployments.settings import AppSettings, ModelConfig
 
 
 def test_cli_refuses_bad_arguments(
@@ -155,3 +159,56 @@ def test_a_batch_is_decoded_in_groups_within_the_budget(
     got = bulk_plan.budget_groups(pixels, 100)
     assert got == groups
     assert all(sum(pixels[i] for i in group) <= 100 for group in got)
+
+
+def _pooled_settings(tmp_path: Path) -> AppSettings:
+    return AppSettings.model_validate(
+        {
+            "models": [{"name": "u2netp"}, {"name": "silueta", "path": str(tmp_path / "s.onnx")}],
+            "pool": {
+                "models": [
+                    {"name": "sharp", "model": "u2netp", "path": str(tmp_path / "sharp.onnx")},
+                    {"name": "isnet-general-use"},
+                ],
+                "budget_bytes": 10**9,
+            },
+            "default_model": "sharp",
+        }
+    )
+
+
+def test_bulk_loads_a_pooled_model_as_the_pool_would(tmp_path: Path) -> None:
+    settings = _pooled_settings(tmp_path)
+    # Dedicated: its own config, path and all.
+    assert model_config(settings, "silueta") == settings.models[1]
+    # Pooled: its table entry's constants and its file, as the pool resolves them.
+    sharp = ModelConfig(name="u2netp", path=tmp_path / "sharp.onnx")
+    assert model_config(settings, "sharp") == sharp
+    assert model_config(settings, None) == sharp  # the default may be pooled
+    assert model_config(settings, "isnet-general-use") == ModelConfig(name="isnet-general-use")
+    # A table model this config does not serve: rembg's store, as before pools.
+    assert model_config(settings, "u2net") == ModelConfig(name="u2net")
+    with pytest.raises(ModelUnavailable, match="unknown model 'nope'") as raised:
+        model_config(settings, "nope")
+    assert "dedicated: u2netp, silueta; pooled: sharp, isnet-general-use" in str(raised.value)
+
+
+def test_cli_batch_takes_a_pooled_name_and_refuses_an_unknown_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(
+        "applications:\n  - import_path: deployments.serve_app:build_app\n    args:\n"
+        "      pool:\n        budget_bytes: 1000000000\n        models:\n"
+        f"          - {{name: sharp, model: u2netp, path: {tmp_path / 'missing.onnx'}}}\n"
+    )
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    args = ["batch", str(src), str(out), "--config", str(config)]
+    assert main([*args, "--model", "nope"]) == 2
+    assert "unknown model 'nope'; dedicated: u2netp; pooled: sharp" in capsys.readouterr().err
+    # The pooled name is taken: its file, missing here, is what is said, before Ray starts.
+    assert main([*args, "--model", "sharp"]) == 2
+    err = capsys.readouterr().err
+    assert "pooled model 'sharp'" in err and str(tmp_path / "missing.onnx") in err, err
+    assert not out.exists()

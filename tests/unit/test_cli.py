@@ -4,6 +4,7 @@ with nothing to talk to (tests/service/test_cli_service.py has it against a serv
 from __future__ import annotations
 
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -286,3 +287,90 @@ def test_remove_refuses_same_named_files_of_two_folders_before_any_work(
     )
     assert "have the same path in their folders (x.jpg)" in capsys.readouterr().err
     assert not out.exists()
+
+
+_POOLED_MODELS = {
+    "default": "u2netp",
+    "models": [{"name": "u2netp", "ready": True}],
+    "refine": {"warm": True},
+    "pool": {
+        "models": ["pool-a", "pool-b"],
+        "replica": {
+            "replica": "Pool#x1",
+            "pid": 42,
+            "budget_bytes": 3 * 2**30,
+            "used_bytes": 600 * 2**20,
+            "loaded": ["pool-a"],
+            "models": [
+                {"name": "pool-a", "loaded": True, "bytes": 600 * 2**20, "leases": 1, "loads": 2},
+                {"name": "pool-b", "loaded": False, "evictions": 1, "failures": 3, "error": "E"},
+            ],
+        },
+    },
+}
+
+
+class _PooledService(http.server.BaseHTTPRequestHandler):
+    """Answers /healthz and /models as a service with two pooled models would."""
+
+    models: ClassVar[dict[str, object]] = _POOLED_MODELS
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            health = {"u2netp": True, "pool-a": True, "pool-b": True}
+            body = json.dumps({"status": "ok", "models": health}).encode()
+        else:
+            body = json.dumps(self.models).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _health_of(handler: type[http.server.BaseHTTPRequestHandler], *flags: str) -> None:
+    """``rembg-serve health`` against ``handler`` on a free port; it must say healthy."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["health", "--url", url, *flags]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_health_lists_the_pooled_models(capsys: pytest.CaptureFixture[str]) -> None:
+    _health_of(_PooledService)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        "  u2netp (default): warm",
+        "  pool, replica Pool#x1 (pid 42): 600 MiB of 3072 MiB used",
+        "    pool-a: loaded on Pool#x1, 600 MiB, 1 in use, loads 2, hits 0, evictions 0, "
+        "failures 0",
+        "    pool-b: not loaded, loads 0, hits 0, evictions 1, failures 3, last load failed: E",
+    ]
+    # --json: the report as /models sent it, beside the health.
+    _health_of(_PooledService, "--json")
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pool"] == _POOLED_MODELS["pool"]
+    assert printed["health"] == {"u2netp": True, "pool-a": True, "pool-b": True}
+
+
+class _NoPoolReplica(_PooledService):
+    models: ClassVar[dict[str, object]] = {
+        **_POOLED_MODELS,
+        "pool": {"models": ["pool-a", "pool-b"], "reason": "TimeoutError"},
+    }
+
+
+def test_health_names_the_pooled_models_when_no_pool_replica_answers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _health_of(_NoPoolReplica)
+    out = capsys.readouterr().out
+    assert "  pool: no replica answered (TimeoutError); pooled: pool-a, pool-b" in out

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from conftest import FIXTURES
 from deployments.client import ApiError, AsyncClient, Client, Options, Retry
+from deployments.reports import wire
 
 CAR = FIXTURES / "car-1.jpg"
 
@@ -167,6 +168,38 @@ def test_health_and_models_retry_like_remove() -> None:
     ready, down_model = models.models
     assert (ready.provider, ready.stale) == ("CPUExecutionProvider", False)
     assert (down_model.ready, down_model.reason, down_model.file) == (False, "TimeoutError", None)
+
+
+POOL_BODY = {
+    "models": ["pool-a", "pool-b"],
+    "replica": {
+        "replica": "Pool#x1",
+        "pid": 42,
+        "budget_bytes": 1_500_000_000,
+        "used_bytes": 600_000_000,
+        "loaded": ["pool-a"],
+        "models": [
+            {"name": "pool-a", "loaded": True, "bytes": 600_000_000, "loads": 2, "hits": 5},
+            {"name": "pool-b", "loaded": False, "evictions": 1, "failures": 1, "error": "OSError"},
+        ],
+    },
+}
+
+
+def test_models_carry_the_pool_typed_and_as_sent() -> None:
+    body = {**MODELS_BODY, "pool": POOL_BODY}
+    transport = _answers([httpx.Response(200, json=body), httpx.Response(200, json=MODELS_BODY)])
+    with Client("http://svc", transport=transport) as c:
+        models = c.models()
+        without = c.models()
+    assert models.pool is not None and models.pool.replica is not None
+    assert models.pool.models == ["pool-a", "pool-b"]
+    a, b = models.pool.replica.models
+    assert (a.name, a.loaded, a.bytes, a.hits, a.leases) == ("pool-a", True, 600_000_000, 5, 0)
+    assert (b.loaded, b.bytes, b.failures, b.error) == (False, None, 1, "OSError")
+    # The wire contract: the record gives back what /models sent, key for key.
+    assert wire(models) == body
+    assert without.pool is None and "pool" not in wire(without)
 
 
 def test_a_healthz_503_is_an_answer_not_retried() -> None:
