@@ -28,7 +28,7 @@ from deployments.errors import InferenceFailed, ModelLoadFailed, ServiceError, U
 from deployments.infer import OnnxModel
 from deployments.memory import malloc_trim, rss_bytes
 from deployments.metrics import ModelMetrics, PoolMetrics
-from deployments.model_server import Resources, _replica_id
+from deployments.model_server import Resources, _replica_id, predict_isolated
 from deployments.models import resolve_model_file, spec_for
 from deployments.pool import Event, Loaded, LoadFailed, ModelPool
 from deployments.preprocess import pack_mask
@@ -68,12 +68,15 @@ class PoolPending:
 class PoolServer:
     """Pooled models loaded on demand under a byte budget, batched per model."""
 
-    def __init__(self, pool: dict[str, Any], num_gpus: float) -> None:
+    def __init__(
+        self, pool: dict[str, Any], num_gpus: float, resources: Resources | None = None
+    ) -> None:
         self.config = PoolConfig.model_validate(pool)
         self.entries = {m.name: m for m in self.config.models}
         self.specs = {m.name: spec_for(m.spec_name) for m in self.config.models}
         self.num_gpus = num_gpus
-        self.resources = Resources.of_this_replica()
+        # In a replica, from Ray; a test runs this class in process and says.
+        self.resources = resources or Resources.of_this_replica()
         self.replica = _replica_id()
         self.live = _DEFAULTS
         self.metrics = PoolMetrics()
@@ -179,15 +182,9 @@ class PoolServer:
         started = time.monotonic()
         # Every item holds a lease on the model: it is loaded, and stays so.
         model = self.pool.peek(name)
-        loop = asyncio.get_running_loop()
         images = [item.image for item in items]
-        try:
-            results: list[npt.NDArray[np.uint8] | ServiceError] = list(
-                await loop.run_in_executor(self.runner, model.predict, images)
-            )
-        except Exception as exc:
-            logger.warning("pool: %s: batch of %d failed: %r", name, len(images), exc)
-            results = [InferenceFailed("inference failed") for _ in images]
+        # The image that breaks a batch fails alone, as on a dedicated model.
+        results = await predict_isolated(name, model.predict, images, self.runner)
         self.batch_metrics.batch(
             name,
             len(images),
