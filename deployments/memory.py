@@ -1,8 +1,11 @@
-"""Memory housekeeping: Pillow's cache of freed image blocks and the C heap.
+"""Memory readings and housekeeping: this process's memory, Pillow's cache of
+freed image blocks and the C heap.
 
-``reuse_image_memory`` lets Pillow keep freed blocks for the next image;
-``IdleTrimmer`` gives them, and the C heap's free memory, back to the system
-when the replica goes idle. No Ray.
+``rss_bytes`` and ``read_device_memory`` read what the process holds, in host
+memory and on a GPU; ``HostMemory`` and ``DeviceMemory`` charge a model load
+what it grew either by. ``reuse_image_memory`` lets Pillow keep freed blocks for
+the next image; ``IdleTrimmer`` gives them, and the C heap's free memory, back
+to the system when the replica goes idle. No Ray.
 """
 
 from __future__ import annotations
@@ -10,13 +13,25 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import logging
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from functools import partial
+from typing import Literal, TypeVar
 
 from PIL import _imaging as pillow_core
+
+from deployments.runtime import nvml_handle
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# What a pool's budget counts: host memory (RSS), or memory on the replica's GPU.
+MemoryKind = Literal["host", "device"]
 
 
 def rss_bytes() -> int:
@@ -26,6 +41,104 @@ def rss_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """One GPU's memory in use now, in bytes."""
+
+    # This process's, as NVML lists it; None where it is not listed: no CUDA
+    # context yet, or a container's own pid namespace (NVML lists host pids).
+    process: int | None
+    # The whole card's, every process's together.
+    device: int
+
+
+def read_device_memory(device: int | str) -> DeviceReading | None:
+    """GPU ``device``'s memory in use (``device`` as Ray reports it: an index or a
+    UUID), read through NVML (nvidia-ml-py); None where NVML cannot be read."""
+    try:
+        import pynvml  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = nvml_handle(pynvml, device)
+            used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            pid = os.getpid()
+            mine = [
+                int(p.usedGpuMemory)
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if p.pid == pid and p.usedGpuMemory is not None
+            ]
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+    return DeviceReading(sum(mine) if mine else None, used)
+
+
+def device_growth(before: DeviceReading, after: DeviceReading) -> int:
+    """What this process took on the card between two readings: its own growth
+    where NVML lists it (absent before: it had no CUDA context yet), else the
+    card's, which is this process's as long as it is the only one allocating.
+
+    A replica's first load also creates its CUDA context, which stays: that
+    model is charged it too, until its next load is measured without it."""
+    if after.process is not None:
+        return max(0, after.process - (before.process or 0))
+    return max(0, after.device - before.device)
+
+
+class HostMemory:
+    """Charges a load the growth of this process's resident memory over it."""
+
+    kind: MemoryKind = "host"
+
+    def charge(self, load: Callable[[], T]) -> tuple[T, int]:
+        """``load()``'s value and the bytes it took."""
+        before = rss_bytes()
+        value = load()
+        return value, max(0, rss_bytes() - before)
+
+
+class DeviceMemory:
+    """Charges a load the growth of this process's memory on GPU ``device`` over
+    it (``device_growth``). ``read`` is NVML's reading (a test's fake where there
+    is no GPU). A load whose readings fail is charged its host memory growth
+    instead, with a warning the first time."""
+
+    kind: MemoryKind = "device"
+
+    def __init__(
+        self,
+        device: int | str,
+        read: Callable[[int | str], DeviceReading | None] = read_device_memory,
+    ) -> None:
+        self.device = device
+        self._read = read
+        self._warned = False
+
+    def readable(self) -> bool:
+        return self._read(self.device) is not None
+
+    def charge(self, load: Callable[[], T]) -> tuple[T, int]:
+        """``load()``'s value and the bytes it took on the card."""
+        rss = rss_bytes()
+        before = self._read(self.device)
+        value = load()
+        after = self._read(self.device)
+        if before is None or after is None:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "GPU %s's memory could not be read (NVML): a load is charged "
+                    "its host memory growth",
+                    self.device,
+                )
+            return value, max(0, rss_bytes() - rss)
+        return value, device_growth(before, after)
 
 
 # Freed image memory Pillow keeps, in bytes per pixel of the budget: one RGBA

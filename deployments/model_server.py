@@ -14,8 +14,8 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -76,6 +76,36 @@ class Loaded:
     model: OnnxModel
     path: Path
     version: str | None
+
+
+async def predict_isolated(
+    name: str,
+    predict: Callable[[list[npt.NDArray[np.uint8]]], Sequence[npt.NDArray[np.uint8]]],
+    images: list[npt.NDArray[np.uint8]],
+    runner: Executor,
+) -> list[npt.NDArray[np.uint8] | ServiceError]:
+    """One ``predict`` run of ``images`` on ``runner``; exactly one result (mask or
+    error) per image.
+
+    If the batch raises, each image runs again alone, so that the image that broke
+    it fails alone (its ``ServiceError``, else ``InferenceFailed``) and its
+    batchmates still get their masks. A dedicated model's batch and a pooled one's.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        return list(await loop.run_in_executor(runner, predict, images))
+    except Exception as exc:
+        logger.warning("model %s: batch of %d failed: %r", name, len(images), exc)
+    results: list[npt.NDArray[np.uint8] | ServiceError] = []
+    for image in images:
+        try:
+            results.append((await loop.run_in_executor(runner, predict, [image]))[0])
+        except ServiceError as exc:
+            results.append(exc)
+        except Exception as exc:
+            logger.error("model %s: inference failed: %r", name, exc)
+            results.append(InferenceFailed("inference failed"))
+    return results
 
 
 def _replica_id() -> str:
@@ -238,14 +268,10 @@ class ModelServer:
         images = [item.image for item in items]
         self.batch_sizes[len(images)] += 1
         with self.model_free.batch():
-            try:
-                results: list[npt.NDArray[np.uint8] | ServiceError] = list(
-                    await self._run(self.model.predict, images)
-                )
-            except Exception as exc:
-                logger.warning("model %s: batch of %d failed: %r", self.name, len(images), exc)
-                # Isolate the image that broke the batch: its batchmates still succeed.
-                results = [await self._predict_one(image) for image in images]
+            # self.model read at each run, as a swap may land between them.
+            results = await predict_isolated(
+                self.name, lambda batch: self.model.predict(batch), images, self.runner
+            )
         self.last_ok = time.monotonic()
         self.metrics.batch(
             self.name,
@@ -262,17 +288,6 @@ class ModelServer:
             },
         )
         return results
-
-    async def _predict_one(
-        self, image: npt.NDArray[np.uint8]
-    ) -> npt.NDArray[np.uint8] | ServiceError:
-        try:
-            return (await self._run(self.model.predict, [image]))[0]
-        except ServiceError as exc:
-            return exc
-        except Exception as exc:
-            logger.error("model %s: inference failed: %r", self.name, exc)
-            return InferenceFailed("inference failed")
 
     async def predict(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """One model-size uint8 (H, W, 3) image -> its uint8 (H, W) mask."""

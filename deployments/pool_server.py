@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,14 +26,14 @@ from ray import serve
 
 from deployments.errors import InferenceFailed, ModelLoadFailed, ServiceError, UnknownModel
 from deployments.infer import OnnxModel
-from deployments.memory import malloc_trim, rss_bytes
+from deployments.memory import DeviceMemory, HostMemory, malloc_trim
 from deployments.metrics import ModelMetrics, PoolMetrics
-from deployments.model_server import Resources, _replica_id
+from deployments.model_server import Resources, _replica_id, predict_isolated
 from deployments.models import resolve_model_file, spec_for
 from deployments.pool import Event, Loaded, LoadFailed, ModelPool
 from deployments.preprocess import pack_mask
 from deployments.reports import PooledModelInfo, PoolReplicaInfo, wire
-from deployments.runtime import runtime_for
+from deployments.runtime import RuntimeConfig, runtime_for
 from deployments.settings import PoolConfig, PoolLiveConfig
 
 logger = logging.getLogger("ray.serve")
@@ -56,6 +56,53 @@ def load_failed(name: str, exc: LoadFailed) -> ModelLoadFailed:
 
 
 @dataclass(frozen=True)
+class PoolMemory:
+    """What a pool replica's budget counts, how many bytes of it, and the arena
+    cap of each of its sessions on the GPU (None: uncapped, or the CPU)."""
+
+    meter: HostMemory | DeviceMemory
+    budget_bytes: int
+    arena_bytes: int | None
+
+
+def pool_memory(
+    config: PoolConfig, runtime: RuntimeConfig, device: DeviceMemory | None
+) -> PoolMemory:
+    """A CPU replica counts host memory (RSS) against ``budget_bytes``. A GPU
+    replica counts its memory on ``device`` against ``gpu_budget_bytes`` (None:
+    its own arena limit, ``runtime.gpu_mem_limit``; ``budget_bytes`` where that is
+    unknown), and caps each session's arena at that budget, never above the
+    replica's fraction of the card: its sessions share the fraction. Where NVML
+    cannot read the card, a GPU replica counts host memory, as a CPU one."""
+    fraction = runtime.gpu_mem_limit
+    if not runtime.use_gpu:
+        return PoolMemory(HostMemory(), config.budget_bytes, None)
+    if device is None or not device.readable():
+        logger.warning(
+            "pool: NVML cannot read this replica's GPU memory (is nvidia-ml-py installed?): "
+            "models are charged host memory (RSS) against budget_bytes"
+        )
+        cap = _smallest(fraction, config.gpu_budget_bytes)
+        return PoolMemory(HostMemory(), config.budget_bytes, cap)
+    budget = config.gpu_budget_bytes or fraction
+    if budget is None:
+        logger.warning("pool: the GPU's memory is unknown: the device budget is budget_bytes")
+        budget = config.budget_bytes
+    elif fraction is not None and budget > fraction:
+        logger.warning(
+            "pool: gpu_budget_bytes %d is over this replica's share of the card (%d): "
+            "replicas sharing the card may run out of its memory",
+            budget,
+            fraction,
+        )
+    return PoolMemory(device, budget, _smallest(fraction, budget))
+
+
+def _smallest(*limits: int | None) -> int | None:
+    return min((n for n in limits if n is not None), default=None)
+
+
+@dataclass(frozen=True)
 class PoolPending:
     """A request waiting in a batch: its model, image and arrival time."""
 
@@ -68,12 +115,20 @@ class PoolPending:
 class PoolServer:
     """Pooled models loaded on demand under a byte budget, batched per model."""
 
-    def __init__(self, pool: dict[str, Any], num_gpus: float) -> None:
+    def __init__(
+        self, pool: dict[str, Any], num_gpus: float, resources: Resources | None = None
+    ) -> None:
         self.config = PoolConfig.model_validate(pool)
         self.entries = {m.name: m for m in self.config.models}
         self.specs = {m.name: spec_for(m.spec_name) for m in self.config.models}
         self.num_gpus = num_gpus
-        self.resources = Resources.of_this_replica()
+        # In a replica, from Ray; a test runs this class in process and says.
+        self.resources = resources or Resources.of_this_replica()
+        runtime = runtime_for(self.resources.cpus, self.resources.gpu_ids, self.num_gpus)
+        device = DeviceMemory(self.resources.gpu_ids[0]) if runtime.use_gpu else None
+        self.memory = pool_memory(self.config, runtime, device)
+        # Every pooled session's arena within the pool's budget on the card.
+        self.runtime = replace(runtime, gpu_mem_limit=self.memory.arena_bytes)
         self.replica = _replica_id()
         self.live = _DEFAULTS
         self.metrics = PoolMetrics()
@@ -83,7 +138,7 @@ class PoolServer:
         # loads run beside it, so that the loaded models keep serving meanwhile.
         self.runner = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.pool: ModelPool[OnnxModel] = ModelPool(
-            self.config.budget_bytes,
+            self.memory.budget_bytes,
             self._load,
             self.entries,
             {m.name: m.bytes for m in self.config.models},
@@ -94,25 +149,28 @@ class PoolServer:
 
     def _build(self, name: str, max_batch_size: int) -> Loaded[OnnxModel]:
         entry = self.entries[name]
-        runtime = runtime_for(self.resources.cpus, self.resources.gpu_ids, self.num_gpus)
+
+        def load() -> OnnxModel:
+            path = resolve_model_file(entry.spec_name, entry.path)
+            return OnnxModel(path, self.specs[name], self.runtime, max_batch_size)
+
         # The pool runs one load at a time: the growth is this model's (its session,
-        # its arena warm at every batch shape).
-        before = rss_bytes()
-        path = resolve_model_file(entry.spec_name, entry.path)
-        model = OnnxModel(path, self.specs[name], runtime, max_batch_size)
-        return Loaded(model, max(0, rss_bytes() - before))
+        # its arena warm at every batch shape), in host memory or on the card.
+        model, grown = self.memory.meter.charge(load)
+        return Loaded(model, grown)
 
     async def _load(self, name: str) -> Loaded[OnnxModel]:
         started = time.perf_counter()
         loaded = await asyncio.to_thread(self._build, name, self.live.max_batch_size)
         report = loaded.model.report
         logger.info(
-            "pool: loaded %s in %.2fs (load %.2fs, warm-up %.2fs), +%d MB",
+            "pool: loaded %s in %.2fs (load %.2fs, warm-up %.2fs), +%d MB %s memory",
             name,
             time.perf_counter() - started,
             report.load_s,
             report.warmup_s,
             loaded.bytes // 2**20,
+            self.memory.meter.kind,
         )
         return loaded
 
@@ -179,15 +237,9 @@ class PoolServer:
         started = time.monotonic()
         # Every item holds a lease on the model: it is loaded, and stays so.
         model = self.pool.peek(name)
-        loop = asyncio.get_running_loop()
         images = [item.image for item in items]
-        try:
-            results: list[npt.NDArray[np.uint8] | ServiceError] = list(
-                await loop.run_in_executor(self.runner, model.predict, images)
-            )
-        except Exception as exc:
-            logger.warning("pool: %s: batch of %d failed: %r", name, len(images), exc)
-            results = [InferenceFailed("inference failed") for _ in images]
+        # The image that breaks a batch fails alone, as on a dedicated model.
+        results = await predict_isolated(name, model.predict, images, self.runner)
         self.batch_metrics.batch(
             name,
             len(images),
@@ -250,5 +302,6 @@ class PoolServer:
                 used_bytes=self.pool.used_bytes,
                 loaded=self.pool.loaded(),
                 models=models,
+                budget_memory=self.memory.meter.kind,
             )
         )

@@ -73,7 +73,8 @@ class PooledModelInfo(BaseModel):
     loaded: bool
     # Charged against the budget: declared in the config, else measured at load.
     bytes: int | None = None
-    # The replica's RSS growth over its last load and warm-up.
+    # The replica's growth over its last load and warm-up, in the memory the
+    # budget counts (``PoolReplicaInfo.budget_memory``).
     measured_bytes: int | None = None
     # Requests holding it now (a leased model is never evicted).
     leases: int = 0
@@ -95,6 +96,9 @@ class PoolReplicaInfo(BaseModel):
     used_bytes: int
     loaded: list[str]
     models: list[PooledModelInfo]
+    # What the budget counts: the replica's host memory (RSS; CPU replicas, or a
+    # GPU replica where NVML cannot be read), or its memory on the card.
+    budget_memory: Literal["host", "device"] = "host"
 
 
 class PoolReport(BaseModel):

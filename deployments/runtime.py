@@ -111,19 +111,24 @@ def _nvml_total(device: int | str) -> int | None:
     try:
         pynvml.nvmlInit()
         try:
-            if isinstance(device, str) and not device.isdigit():
-                handle = pynvml.nvmlDeviceGetHandleByUUID(device)
-            else:
-                # NVML counts in PCI bus order and CUDA fastest-first: they agree
-                # on nodes of one GPU model, which are the ones that share a card
-                # size anyway, so an index mix-up cannot change the answer there.
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(device))
+            handle = nvml_handle(pynvml, device)
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
         finally:
             pynvml.nvmlShutdown()
     except pynvml.NVMLError as exc:
         logger.warning("NVML could not read GPU %s's memory: %s", device, exc)
         return None
+
+
+def nvml_handle(pynvml: Any, device: int | str) -> Any:
+    """NVML's handle for ``device`` as Ray reports it (an index or a UUID); NVML
+    initialised by the caller."""
+    if isinstance(device, str) and not device.isdigit():
+        return pynvml.nvmlDeviceGetHandleByUUID(device)
+    # NVML counts in PCI bus order and CUDA fastest-first (ties, in practice, in
+    # bus order): they agree on nodes of one GPU model, the usual case; a node of
+    # mixed cards needs CUDA_DEVICE_ORDER=PCI_BUS_ID for them to agree.
+    return pynvml.nvmlDeviceGetHandleByIndex(int(device))
 
 
 def _smi_total(device: int | str) -> int | None:

@@ -97,7 +97,8 @@ class PooledModel(_Strict):
     model: str | None = None
     path: Path | None = None
     # Its memory when loaded and warm, charged against the budget; None: what
-    # its load measured (the replica's RSS growth over load and warm-up).
+    # its load measured (the replica's growth over load and warm-up: in host
+    # memory (RSS) on a CPU replica, on the card on a GPU replica).
     bytes: int | None = Field(default=None, gt=0)
 
     @property
@@ -120,9 +121,16 @@ class PoolConfig(_Strict):
     "Dedicated or pooled models")."""
 
     models: list[PooledModel] = Field(min_length=1, max_length=64)
-    # Memory per pool replica for loaded models, in bytes (a u2net-size model
-    # warm at batch 4 on the CPU: ~1.1 GB).
+    # Memory per pool replica for loaded models, in bytes of its host memory
+    # (RSS; a u2net-size model warm at batch 4 on the CPU: ~1.1 GB).
     budget_bytes: int = Field(gt=0)
+    # On a GPU replica the budget counts its memory on the card instead (read
+    # with NVML; where NVML cannot read it, host memory against budget_bytes):
+    # this many bytes per pool replica; None: the replica's CUDA arena limit (its
+    # `num_gpus` fraction of the card, less headroom), or `budget_bytes` where
+    # the card's memory cannot be read. Each pooled session's arena is capped at
+    # it (and at the replica's fraction).
+    gpu_budget_bytes: int | None = Field(default=None, gt=0)
     # A model that failed to load fails its requests (503) this long before the
     # next try.
     retry_failed_s: float = Field(default=30.0, ge=0)

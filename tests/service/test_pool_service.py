@@ -115,6 +115,8 @@ def test_pooled_models_answer_as_the_dedicated_model_within_the_budget(pooled: S
 
         state = pool_state(client)
         assert len(state["loaded"]) <= 2 and state["used_bytes"] <= BUDGET
+        # A CPU replica: the budget counts its host memory (RSS).
+        assert state["budget_memory"] == "host" and state["budget_bytes"] == BUDGET
         models = {m["name"]: m for m in state["models"]}
         assert sum(m["loads"] for m in models.values()) >= 6
         assert sum(m["evictions"] for m in models.values()) >= 4
