@@ -20,11 +20,11 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from PIL import _imaging as pillow_core
 
-from deployments.runtime import nvml_handle
+from deployments.runtime import nvml_read
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +57,18 @@ class DeviceReading:
 def read_device_memory(device: int | str) -> DeviceReading | None:
     """GPU ``device``'s memory in use (``device`` as Ray reports it: an index or a
     UUID), read through NVML (nvidia-ml-py); None where NVML cannot be read."""
-    try:
-        import pynvml  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        try:
-            handle = nvml_handle(pynvml, device)
-            used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-            pid = os.getpid()
-            mine = [
-                int(p.usedGpuMemory)
-                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                if p.pid == pid and p.usedGpuMemory is not None
-            ]
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return None
-    return DeviceReading(sum(mine) if mine else None, used)
+
+    def read(pynvml: Any, handle: Any) -> DeviceReading:
+        pid = os.getpid()
+        mine = [
+            int(p.usedGpuMemory)
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            if p.pid == pid and p.usedGpuMemory is not None
+        ]
+        used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        return DeviceReading(sum(mine) if mine else None, used)
+
+    return nvml_read(device, read)
 
 
 def device_growth(before: DeviceReading, after: DeviceReading) -> int:

@@ -15,8 +15,9 @@ import math
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
@@ -104,6 +105,16 @@ def gpu_total_memory(device: int | str) -> int | None:
 
 
 def _nvml_total(device: int | str) -> int | None:
+    def total(pynvml: Any, handle: Any) -> int:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+
+    return nvml_read(device, total)
+
+
+def nvml_read(device: int | str, read: Callable[[Any, Any], T]) -> T | None:
+    """``read(pynvml, handle)`` for ``device`` as Ray reports it (an index or a
+    UUID), NVML initialised around it; None where nvidia-ml-py is not installed
+    or NVML fails (no driver, no such card)."""
     try:
         import pynvml  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -111,18 +122,15 @@ def _nvml_total(device: int | str) -> int | None:
     try:
         pynvml.nvmlInit()
         try:
-            handle = nvml_handle(pynvml, device)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+            return read(pynvml, _nvml_handle(pynvml, device))
         finally:
             pynvml.nvmlShutdown()
     except pynvml.NVMLError as exc:
-        logger.warning("NVML could not read GPU %s's memory: %s", device, exc)
+        logger.info("NVML could not read GPU %s: %s", device, exc)
         return None
 
 
-def nvml_handle(pynvml: Any, device: int | str) -> Any:
-    """NVML's handle for ``device`` as Ray reports it (an index or a UUID); NVML
-    initialised by the caller."""
+def _nvml_handle(pynvml: Any, device: int | str) -> Any:
     if isinstance(device, str) and not device.isdigit():
         return pynvml.nvmlDeviceGetHandleByUUID(device)
     # NVML counts in PCI bus order and CUDA fastest-first (ties, in practice, in
