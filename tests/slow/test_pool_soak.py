@@ -36,7 +36,7 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES, free_port, serve_config
-from deployments.bench.harness import Running, rss_bytes, run_load, running_service
+from deployments.bench.harness import Running, percentiles, rss_bytes, run_load, running_service
 from deployments.models import resolve_model_file
 
 pytestmark = pytest.mark.slow
@@ -76,10 +76,21 @@ def pooled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pooled]:
         shutil.copyfile(resolve_model_file("u2netp"), copy)
         models.append({"name": name, "model": "u2netp", "path": str(copy)})
     # The dedicated model as the pool: one CPU, one replica, batches of up to 4.
+    # Round-robin over four models through a budget of two misses nearly every
+    # time (least recently used out): the replica loads and warms models nearly
+    # all the time, and a request takes ~30 s on 2 cores (measured: median 32 s
+    # over 3 minutes). The admission rightly refuses some past deadline_s (30 s):
+    # the deadline is raised here, as the soak is about memory and answers.
     config = serve_config(
         free_port(),
-        args={"num_cpus": 1, "pool": {"models": models, "budget_bytes": BUDGET}},
+        args={
+            "num_cpus": 1,
+            "pool": {"models": models, "budget_bytes": BUDGET},
+            "deadline_s": 90,
+            "work_timeout_s": 120,
+        },
         deployments={"Model_u2netp": {"autoscaling_config": None, "num_replicas": 1}},
+        top={"http_options": {"request_timeout_s": 150}},
     )
     config["applications"][0]["deployments"].append(
         {"name": "Pool", "user_config": {"max_batch_size": 4}, "max_ongoing_requests": 16}
@@ -138,6 +149,7 @@ def test_round_robin_at_c8_stays_within_the_budget(pooled: Pooled) -> None:
     with service.client(timeout=120) as client:
         expected = pixels(client.post("/remove", content=IMAGE).content)
         failures: list[str] = []
+        latencies: list[float] = []
         loaded: list[int] = []
         peak = [fixed]
         counter = iter(range(10**9))
@@ -149,7 +161,9 @@ def test_round_robin_at_c8_stays_within_the_budget(pooled: Pooled) -> None:
                 while time.monotonic() < deadline:
                     with lock:
                         name = POOLED[next(counter) % len(POOLED)]
+                    started = time.perf_counter()
                     response = own.post("/remove", params={"model": name}, content=IMAGE)
+                    latencies.append(time.perf_counter() - started)
                     if response.status_code != 200:
                         failures.append(f"{name}: {response.status_code} {response.text[:200]}")
                     elif not np.array_equal(pixels(response.content), expected):
@@ -178,7 +192,7 @@ def test_round_robin_at_c8_stays_within_the_budget(pooled: Pooled) -> None:
         f"\npool soak, {SOAK_S:.0f} s at c{CLIENTS}: {hits} hits, {loads} loads, "
         f"{evictions} evictions; fixed {fixed / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB, "
         f"model {max(measured) / 2**20:.0f} MiB; load + warm-up median "
-        f"{statistics.median(load_s):.2f} s"
+        f"{statistics.median(load_s):.2f} s; latency ms {percentiles(latencies)}"
     )
     assert not failures, failures[:5]
     assert loaded and max(loaded) <= 2, loaded
