@@ -6,8 +6,9 @@ its model (loading it on a miss) and gives it back when its batch is done; a
 leased model is never evicted. Before a load, least recently used models that no
 request holds are evicted until the new one's bytes fit; after it, once its own
 bytes are measured, again if the guess was short. When every loaded model is
-held, the least recently used one takes no new leases until it can go, so that
-steady hits never hold a load off. Concurrent first requests for
+held, a load waits ``drain_after_s`` for one to be let go; then the least
+recently used one takes no new leases until it can go, so that steady hits never
+hold a load off. Concurrent first requests for
 a cold model share one load; loads run one at a time, so that a load's measured
 memory is its own. A model that fails to load fails its requests for
 ``retry_failed_s`` without another try. No Ray, no HTTP: the Serve shell
@@ -17,6 +18,7 @@ memory is its own. A model that fails to load fails its requests for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -90,6 +92,7 @@ class ModelPool(Generic[M]):
         names: Iterable[str],
         declared: Mapping[str, int | None] | None = None,
         retry_failed_s: float = 30.0,
+        drain_after_s: float = 2.0,
         on_event: Callable[[Event, str, float], None] | None = None,
         on_evict: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -100,6 +103,8 @@ class ModelPool(Generic[M]):
             name: Slot(name, (declared or {}).get(name)) for name in names
         }
         self.retry_failed_s = retry_failed_s
+        # How long a load waits for a held model to be let go before draining one.
+        self.drain_after_s = drain_after_s
         self._on_event = on_event
         self._on_evict = on_evict
         self._clock = clock
@@ -228,15 +233,25 @@ class ModelPool(Generic[M]):
 
     async def _make_room(self, need: int, keep: Slot[M]) -> None:
         """Evict until ``need`` more bytes fit; a model alone in the pool loads
-        whatever its size. When every loaded model is held, the least recently
-        used one is drained: it takes no new leases, and goes when its last ends
-        (else steady hits on the loaded models would hold a load off for ever)."""
+        whatever its size. When every loaded model is held, the load first waits
+        up to ``drain_after_s`` for one to be let go (so that a loaded model
+        serves what is queued for it, rather than each load serving one request
+        when traffic cycles through more models than fit); then the least
+        recently used one is drained: it takes no new leases, and goes when its
+        last ends (else steady hits on the loaded models would hold a load off
+        for ever)."""
+        started = time.monotonic()
         try:
             while True:
                 self._evict_until(self.budget_bytes - need, keep)
                 others = [n for n in self.loaded() if self.slots[n] is not keep]
                 if self.used_bytes + need <= self.budget_bytes or not others:
                     return
+                left = self.drain_after_s - (time.monotonic() - started)
+                if left > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), left)
+                    continue
                 self.slots[others[0]].draining = True
                 await self._changed.wait()
         finally:

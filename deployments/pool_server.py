@@ -181,14 +181,19 @@ class PoolServer:
 
     def _evicted(self, name: str) -> None:
         logger.info("pool: evicted %s", name)
+        self._forget(name)
+        if self.trim is not None:
+            # The session's arena went back to the C heap: give it to the system.
+            self.trim()
+
+    def _forget(self, name: str) -> None:
+        """Drop ``name`` from Serve's cache here, so that the router stops
+        preferring this replica for it."""
         cache = getattr(self, _SERVE_CACHE_ATTR, None)
         models = getattr(cache, "models", None)
         if isinstance(models, dict) and models.pop(name, None) is not None:
             # Serve tells the router what this replica holds at its next push.
             cache._push_multiplexed_replica_info = True  # type: ignore[union-attr]
-        if self.trim is not None:
-            # The session's arena went back to the C heap: give it to the system.
-            self.trim()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         live = PoolLiveConfig.model_validate(user_config)
@@ -204,16 +209,11 @@ class PoolServer:
 
     @serve.multiplexed(max_num_models_per_replica=_SERVE_CACHE_COUNT)
     async def _resident(self, name: str) -> str:
-        """Serve's hook for a model this replica does not hold: load it (the router
-        learns at once that it is loading here, and sends its requests here)."""
-        await self._ensure(name)
+        """Serve's hook for a model its cache here lacks: the router learns at once
+        that the model is here (or being loaded here) and sends its requests here.
+        The request's lease loads it, so that each request counts one hit or one
+        miss."""
         return name
-
-    async def _ensure(self, name: str) -> None:
-        try:
-            await self.pool.ensure(name)
-        except LoadFailed as exc:
-            raise load_failed(name, exc) from exc
 
     @serve.batch(
         max_batch_size=_DEFAULTS.max_batch_size,
@@ -266,7 +266,8 @@ class PoolServer:
             lease = self.pool.lease(name)
             async with lease:
                 result = await self._predict_batch(PoolPending(name, image, arrived))
-        except LoadFailed as exc:  # evicted since, and its reload failed
+        except LoadFailed as exc:
+            self._forget(name)
             raise load_failed(name, exc) from exc
         if isinstance(result, ServiceError):
             raise result

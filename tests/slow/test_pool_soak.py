@@ -148,6 +148,7 @@ def test_round_robin_at_c8_stays_within_the_budget(pooled: Pooled) -> None:
     service, pid, fixed = pooled.service, pooled.pid, pooled.fixed_rss
     with service.client(timeout=120) as client:
         expected = pixels(client.post("/remove", content=IMAGE).content)
+        before = pool_state(client)
         failures: list[str] = []
         latencies: list[float] = []
         loaded: list[int] = []
@@ -183,13 +184,17 @@ def test_round_robin_at_c8_stays_within_the_budget(pooled: Pooled) -> None:
         for thread in threads:
             thread.join()
         state = pool_state(client)
-    hits = sum(m["hits"] for m in state["models"])
-    loads = sum(m["loads"] for m in state["models"])
-    evictions = sum(m["evictions"] for m in state["models"])
+
+    def counted(key: str) -> int:
+        """``key`` summed over the models, counted during the soak."""
+        return sum(m[key] for m in state["models"]) - sum(m[key] for m in before["models"])
+
+    hits, loads, evictions = counted("hits"), counted("loads"), counted("evictions")
     measured = [m["measured_bytes"] for m in state["models"] if m["measured_bytes"]]
     load_s = [m["load_s"] for m in state["models"] if m["load_s"] is not None]
     print(
-        f"\npool soak, {SOAK_S:.0f} s at c{CLIENTS}: {hits} hits, {loads} loads, "
+        f"\npool soak, {SOAK_S:.0f} s at c{CLIENTS}: {len(latencies)} requests, "
+        f"{hits} hits, {loads} loads, "
         f"{evictions} evictions; fixed {fixed / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB, "
         f"model {max(measured) / 2**20:.0f} MiB; load + warm-up median "
         f"{statistics.median(load_s):.2f} s; latency ms {percentiles(latencies)}"

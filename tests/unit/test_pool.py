@@ -110,13 +110,17 @@ def test_a_model_under_lease_is_never_evicted_and_a_load_waits_for_room() -> Non
 def test_steady_hits_on_held_models_never_hold_a_load_off() -> None:
     async def scenario() -> None:
         loader = Loader(dict.fromkeys(NAMES, 100))
-        pool, _ = pool_of(loader, budget=250)
+        pool, _ = pool_of(loader, budget=250, drain_after_s=0.1)
         await pool.acquire("a")
         await pool.acquire("b")
         loading = asyncio.create_task(pool.acquire("c"))
-        await asyncio.sleep(0.01)
-        # "a", the least recently used, is drained: a new request for it waits
-        # (it will load again), while "b" still takes requests.
+        await asyncio.sleep(0.02)
+        # Both held: the load waits for one to be let go, draining none yet.
+        assert not any(s.draining for s in pool.slots.values()) and not loading.done()
+        await asyncio.sleep(0.15)
+        # Still both held after drain_after_s: "a", the least recently used, is
+        # drained: a new request for it waits (it will load again), while "b"
+        # still takes requests.
         assert pool.slots["a"].draining and not loading.done()
         again = asyncio.create_task(pool.acquire("a"))
         assert await asyncio.wait_for(pool.acquire("b"), 1) == "model-b"
@@ -130,6 +134,24 @@ def test_steady_hits_on_held_models_never_hold_a_load_off() -> None:
         assert await asyncio.wait_for(again, 1) == "model-a"
         pool.release("a")
         assert len(pool.loaded()) == 2 and not any(s.draining for s in pool.slots.values())
+
+    asyncio.run(scenario())
+
+
+def test_a_load_takes_the_first_model_let_go_before_draining_one() -> None:
+    async def scenario() -> None:
+        loader = Loader(dict.fromkeys(NAMES, 100))
+        pool, _ = pool_of(loader, budget=250, drain_after_s=5)
+        await pool.acquire("a")
+        await pool.acquire("b")
+        loading = asyncio.create_task(pool.acquire("c"))
+        await asyncio.sleep(0.02)
+        pool.release("b")  # "b"'s queue is served: it goes, not the older "a"
+        assert await asyncio.wait_for(loading, 1) == "model-c"
+        assert pool.slots["b"].evictions == 1 and pool.slots["a"].evictions == 0
+        assert not any(s.draining for s in pool.slots.values())
+        pool.release("a")
+        pool.release("c")
 
     asyncio.run(scenario())
 
