@@ -76,21 +76,10 @@ def pooled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pooled]:
         shutil.copyfile(resolve_model_file("u2netp"), copy)
         models.append({"name": name, "model": "u2netp", "path": str(copy)})
     # The dedicated model as the pool: one CPU, one replica, batches of up to 4.
-    # Round-robin over four models through a budget of two misses nearly every
-    # time (least recently used out): the replica loads and warms models nearly
-    # all the time, and a request takes ~30 s on 2 cores (measured: median 32 s
-    # over 3 minutes). The admission rightly refuses some past deadline_s (30 s):
-    # the deadline is raised here, as the soak is about memory and answers.
     config = serve_config(
         free_port(),
-        args={
-            "num_cpus": 1,
-            "pool": {"models": models, "budget_bytes": BUDGET},
-            "deadline_s": 90,
-            "work_timeout_s": 120,
-        },
+        args={"num_cpus": 1, "pool": {"models": models, "budget_bytes": BUDGET}},
         deployments={"Model_u2netp": {"autoscaling_config": None, "num_replicas": 1}},
-        top={"http_options": {"request_timeout_s": 150}},
     )
     config["applications"][0]["deployments"].append(
         {"name": "Pool", "user_config": {"max_batch_size": 4}, "max_ongoing_requests": 16}
