@@ -150,7 +150,12 @@ class Admission:
         # A lane with nothing in progress always takes one, if there is a place.
         late = expected > self.deadline_s and self.in_flight + self.reading > 0
         if (full and taken > 0) or late:
-            drain_s = max(1, math.ceil(max(1, self.in_flight) / self.rate()))
+            # The time this lane's requests need to drain; when the replica is full,
+            # every lane's (a refusal for want of places retries once they free).
+            drain = max(1, self.in_flight) / self.rate()
+            if full:
+                drain = max(drain, sum(lane.in_flight / lane.rate() for lane in self.places.lanes))
+            drain_s = max(1, math.ceil(drain))
             why = (
                 f"{taken} {self.what} in progress, the most this replica takes"
                 if full

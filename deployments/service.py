@@ -28,7 +28,7 @@ import numpy.typing as npt
 from deployments.admission import Admission, PixelBudget, when_done
 from deployments.compose import warm_refine
 from deployments.decode import probe
-from deployments.errors import PayloadTooLarge, UnknownModel
+from deployments.errors import Overloaded, PayloadTooLarge, UnknownModel
 from deployments.memory import IdleTrimmer, reuse_image_memory
 from deployments.models import ModelSpec, spec_for
 from deployments.options import CutoutOptions, Fidelity, OutputFormat
@@ -204,12 +204,30 @@ class Remover:
         ``refining``: it asks for matting or decontamination; ``model``: the one
         it names, where known before the body (None: the default's lane)."""
         admission = self.lane(model, refining)
-        admission.check()
+        if model is None and not refining:
+            # The model is in the body (rembg's form): refused now only if no
+            # model's lane would take it (admission proper follows the body).
+            self._check_any(admission)
+        else:
+            admission.check()
         admission.reading += 1
         try:
             yield
         finally:
             admission.reading -= 1
+
+    def _check_any(self, first: Admission) -> None:
+        """``Overloaded`` from ``first`` unless some lane would take a request now."""
+        try:
+            first.check()
+        except Overloaded:
+            for lane in dict.fromkeys(self.lanes.values()):
+                try:
+                    lane.check()
+                except Overloaded:
+                    continue
+                return
+            raise
 
     async def serve(self, job: Job) -> Served:
         """``remove`` under admission: ``Overloaded`` (503) if it would miss the

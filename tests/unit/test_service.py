@@ -95,6 +95,16 @@ def test_lanes_judge_by_their_own_rate_and_share_the_places() -> None:
     assert fast.places.taken() == 6 and fast.max_in_flight == slow.max_in_flight == 6
 
 
+def test_a_full_replica_asks_to_retry_when_every_lane_has_drained() -> None:
+    idle = Admission(deadline_s=30, initial_rate=10.0, max_in_flight=4)
+    busy = idle.lane(initial_rate=0.5)  # 4 in flight at 2 s each: 8 s to drain
+    for _ in range(4):
+        busy.admit()
+    with pytest.raises(Overloaded, match="4 requests in progress") as refused:
+        idle.check()
+    assert refused.value.retry_after_s == 8
+
+
 def test_a_pooled_models_requests_do_not_slow_a_dedicated_ones() -> None:
     async def scenario() -> None:
         config = RemoverConfig.of(AppSettings(deadline_s=10))
@@ -120,6 +130,22 @@ def test_a_pooled_models_requests_do_not_slow_a_dedicated_ones() -> None:
                     pass
             async with remover.reading(refining=False, model="u2netp"):
                 pass
+            # A model named in the body (rembg's form): read unless no lane takes it.
+            pooled.release(completed=False)
+            dedicated.initial_rate = 0.1
+            dedicated.admit()
+            async with remover.reading(refining=False):
+                pass
+            with pytest.raises(Overloaded):
+                async with remover.reading(refining=False, model="u2netp"):
+                    pass
+            pooled.admit()
+            with pytest.raises(Overloaded):
+                async with remover.reading(refining=False):
+                    pass
+            pooled.release(completed=False)
+            dedicated.release(completed=False)
+            dedicated.initial_rate = 10.0
             served = await remover.serve(Job(image_bytes(gradient(64, 48)), None, CutoutOptions()))
             assert (served.width, served.height) == (64, 48)
         finally:
