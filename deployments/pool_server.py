@@ -150,14 +150,17 @@ class PoolServer:
     def _build(self, name: str, max_batch_size: int) -> Loaded[OnnxModel]:
         entry = self.entries[name]
 
+        path = resolve_model_file(entry.spec_name, entry.path)
+
         def load() -> OnnxModel:
-            path = resolve_model_file(entry.spec_name, entry.path)
             return OnnxModel(path, self.specs[name], self.runtime, max_batch_size)
 
         # The pool runs one load at a time: the growth is this model's (its session,
-        # its arena warm at every batch shape), in host memory or on the card.
+        # its arena warm at every batch shape), in host memory or on the card. Its
+        # weights are a floor: a reading of the whole card (NVML not listing this
+        # process) can shrink by what another replica freed meanwhile.
         model, grown = self.memory.meter.charge(load)
-        return Loaded(model, grown)
+        return Loaded(model, max(grown, path.stat().st_size))
 
     async def _load(self, name: str) -> Loaded[OnnxModel]:
         started = time.perf_counter()
