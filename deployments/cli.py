@@ -1,5 +1,6 @@
-"""``rembg-serve``: fetch models, send folders through the service, check it.
+"""``rembg-serve``: start the service, fetch models, send folders through it, check it.
 
+rembg-serve up                                # `serve run serve_config.yaml`, fast path on
 rembg-serve fetch u2net isnet-general-use    # into rembg's model store
 rembg-serve remove photos/ -o out/ --concurrency 16
 rembg-serve batch photos/ out/                # on Ray Data, no service
@@ -306,6 +307,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from deployments.launch import up
+
+    if not args.config.is_file():
+        print(f"no Serve config at {args.config}", file=sys.stderr)
+        return 2
+    up(args.config, [], fast_path=not args.no_fast_path)
+    return 0  # not reached: `serve run` replaced this process
+
+
 def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
     parser.add_argument(
@@ -321,6 +332,19 @@ def parser() -> argparse.ArgumentParser:
         prog="rembg-serve", description="Background removal on Ray Serve: the command line."
     )
     sub = root.add_subparsers(dest="command", required=True)
+
+    start = sub.add_parser(
+        "up", help="start the service: `serve run CONFIG` with Ray Serve's fast path on"
+    )
+    start.add_argument(
+        "config", nargs="?", type=Path, default=Path("serve_config.yaml"), metavar="CONFIG"
+    )
+    start.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="Serve's defaults: its Python proxy, no throughput-optimized mode",
+    )
+    start.set_defaults(func=cmd_up)
 
     fetch = sub.add_parser("fetch", help="download models into rembg's model store")
     fetch.add_argument("models", nargs="*", metavar="MODEL")

@@ -151,9 +151,7 @@ def fresh_install(tmp: Path, image: bytes) -> Json:
     # Nothing of the checkout on the path: the installed package serves.
     env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(here)}
     started = time.perf_counter()
-    service = start_service(
-        path, here / "serve.log", env=env, serve=venv / "bin" / "serve", cwd=here
-    )
+    service = start_service(path, here / "serve.log", env=env, bin_dir=venv / "bin", cwd=here)
     try:
         with service.client(timeout=300) as client:
             timed_post(client, image)

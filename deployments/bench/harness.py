@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,19 +137,45 @@ def start_process(
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     """SIGTERM to its process group (`serve run` in the background ignores SIGINT;
     on SIGTERM it stops its local Ray), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    _no_leftovers(process.pid)
+
+
+def _no_leftovers(session_id: int, grace_s: float = 15) -> None:
+    """Every process the service started ends with it: what is left after ``grace_s``
+    is killed, and a ``haproxy`` among it is an error (it would hold the ports)."""
+    deadline = time.monotonic() + grace_s
+    while (left := session_processes(session_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    outlived = {pid: title for pid, title in left.items() if "haproxy" in title}
+    if outlived:
+        raise RuntimeError(f"haproxy outlived the service it served: {outlived}")
 
 
 def serve_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a `serve run` that starts its own local Ray."""
-    return {**os.environ, "RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
+    """The environment of a `serve run` that starts its own local Ray. HAProxy's stats
+    and metrics ports are free ones (Ray's defaults, 8404 and 9101, are per machine:
+    two services side by side would both bind them)."""
+    ports = {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
+    return {
+        **os.environ,
+        "RAY_ADDRESS": "local",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **ports,
+        **(extra or {}),
+    }
 
 
 def start_service(
@@ -157,16 +183,18 @@ def start_service(
     log: Path,
     timeout_s: float = 300,
     env: Mapping[str, str] | None = None,
-    serve: Path | None = None,
+    bin_dir: Path | None = None,
     cwd: Path = ROOT,
 ) -> Running:
-    """`serve run CONFIG` with its own local Ray; ready when /healthz answers 200.
+    """`rembg-serve up CONFIG` (README's start: `serve run CONFIG` with Serve's fast
+    path on, unless ``env`` turns it off) with its own local Ray; ready when /healthz
+    answers 200.
 
-    ``serve``: the command (another virtualenv's), run in ``cwd``. A local Ray's
-    start can time out on an overloaded machine: it is tried twice.
+    ``bin_dir``: another virtualenv's bin folder, run in ``cwd``. A local Ray's start
+    can time out on an overloaded machine: it is tried twice.
     """
     port = load_serve_config(config)["http_options"]["port"]
-    argv = [str(serve or Path(sys.executable).parent / "serve"), "run", str(config)]
+    argv = [str((bin_dir or Path(sys.executable).parent) / "rembg-serve"), "up", str(config)]
     url = f"http://127.0.0.1:{port}"
     try:
         return start_process(argv, serve_env(env), log, url, "/healthz", timeout_s, cwd)

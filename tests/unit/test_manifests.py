@@ -26,6 +26,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from conftest import ROOT
+from deployments.launch import FAST_PATH, HAPROXY_BINARY
 from deployments.settings import AppSettings, LiveModelConfig
 
 CONFIG = ROOT / "config"
@@ -199,6 +200,23 @@ def test_dockerfile_copies_paths_that_exist_and_bakes_the_models() -> None:
     assert install < fetch and config < fetch
     exposed = {int(p) for i, args in steps if i == "EXPOSE" for p in args.split()}
     assert load(ROOT / "serve_config.yaml")["http_options"]["port"] in exposed
+
+
+def test_the_image_turns_serves_fast_path_on_for_every_ray_process() -> None:
+    """KubeRay and the cluster launcher run `ray start` in this image: its environment is
+    what every Ray process of theirs reads, so the fast path is set there, as
+    `rembg-serve up` sets it, with the HAProxy wrapper the build writes."""
+    steps = dockerfile()
+    env = dict(pair.split("=", 1) for i, args in steps if i == "ENV" for pair in shlex.split(args))
+    for name, value in FAST_PATH.items():
+        assert env.get(name) == value, name
+    wrapper = env[HAPROXY_BINARY]
+    writes = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "haproxy_wrapper(" in a)
+    install = next(n for n, (i, a) in enumerate(steps) if i == "RUN" and "pip install ." in a)
+    assert install < writes and str(Path(wrapper).parent) in steps[writes][1]
+    assert Path(wrapper).name == "haproxy"
+    cmd = next(json.loads(a) for i, a in steps if i == "CMD")
+    assert cmd[:2] == ["rembg-serve", "up"]
 
 
 def test_the_image_compiles_matting_at_build_time_for_any_cpu() -> None:
