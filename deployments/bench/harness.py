@@ -162,12 +162,22 @@ def _no_leftovers(session_id: int, grace_s: float = 15) -> None:
 
 
 def serve_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a `serve run` that starts its own local Ray. HAProxy's stats
-    and metrics ports are free ones (Ray's defaults, 8404 and 9101, are per machine:
-    two services side by side would both bind them)."""
+    """The environment of a `serve run` that starts its own local Ray, with ports of its
+    own where Serve's fast path has machine-wide defaults: HAProxy's stats and metrics
+    (8404, 9101: a second service would fail to start), the ingress replicas' direct
+    HTTP and gRPC ranges (from 30000 and 40000) and the fallback proxy behind HAProxy
+    (8500, 9500), bound with SO_REUSEPORT: a second service's HAProxy would send
+    requests to the first one's replicas."""
+    http, grpc = free_port(), free_port()
     ports = {
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + 16),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 16),
     }
     return {
         **os.environ,
