@@ -58,6 +58,7 @@ CLIENTS = 160
 LOADED_S = 60.0
 UNLOADED_CLIENTS = 4
 UNLOADED_S = 30.0
+STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)"
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,25 @@ class Observed:
     service: Service
     ray_tmp: Path
 
-    def proxy_ms(self, status: int, since: float = 0.0) -> list[float]:
-        """Serve's proxy's own time per request answered ``status`` (its access
-        log), for the requests it answered at or after ``since`` (epoch seconds)."""
-        found = []
-        for log in (self.ray_tmp / "ray" / "session_latest" / "logs" / "serve").glob("proxy_*"):
-            for line in log.read_text(errors="replace").splitlines():
-                match = re.search(
-                    rf"^\w+ (\S+ \S+),(\d+) .* POST /remove {status} ([\d.]+)ms", line
-                )
-                if match:
-                    stamp = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S"))
-                    if stamp + int(match[2]) / 1000 >= since:
-                        found.append(float(match[3]))
-        return found
+    def served_ms(self, status: int, since: float = 0.0) -> tuple[str, list[float]]:
+        """The service's own time per request answered ``status``, for the requests
+        answered at or after ``since`` (epoch seconds): Serve's proxy's access log, or
+        with HAProxy in front (its log goes to syslog) the ingress replica's. With
+        the name of the log it came from."""
+        logs = self.ray_tmp / "ray" / "session_latest" / "logs" / "serve"
+        for source, pattern in (("Serve's proxy", "proxy_*"), ("the ingress", "replica_*Ingress*")):
+            found = []
+            for log in logs.glob(pattern):
+                for line in log.read_text(errors="replace").splitlines():
+                    # A text line ("INFO 2026-12-03 04:05:49,460 ...") or a JSON one.
+                    match = re.search(STAMP + rf",(\d+).*POST /remove {status} ([\d.]+)ms", line)
+                    if match:
+                        stamp = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S"))
+                        if stamp + int(match[2]) / 1000 >= since:
+                            found.append(float(match[3]))
+            if found:
+                return source, found
+        return "no log", []
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +153,8 @@ def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> 
     refuse_p95 = p95([o.seconds for o in refused]) if refused else float("nan")
     settled = [o.seconds for o in refused if o.started > flood.started + 10]
     settled_p95 = p95(settled) if settled else float("nan")
-    proxy_503 = half_speed.proxy_ms(503)
-    proxy_settled = half_speed.proxy_ms(503, since=arrived)
+    source, proxy_503 = half_speed.served_ms(503)
+    _, proxy_settled = half_speed.served_ms(503, since=arrived)
     served_p50 = statistics.median(o.seconds for o in ok)
     ours = sum(1 for o in refused if o.error.startswith("{"))
     print(
@@ -158,7 +164,7 @@ def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> 
         f"{loaded_rate / unloaded_rate:.0%} kept), {len(refused)} x 503 ({ours} from the "
         f"ingress's deadline, {len(refused) - ours} from Serve's proxy caps), {len(other)} other\n"
         f"  503 p95 at the clients {refuse_p95 * 1000:.0f} ms (after the first 10 s: "
-        f"{settled_p95 * 1000:.0f} ms), in Serve's proxy p50 "
+        f"{settled_p95 * 1000:.0f} ms), in {source}'s log p50 "
         f"{statistics.median(proxy_503):.0f} ms, p95 {p95(proxy_503):.0f} ms "
         f"(goal < 100 ms: {'met' if p95(proxy_503) < 100 else 'NOT MET'}; after the "
         f"first 10 s: {len(proxy_settled)} of them, p95 "
@@ -181,8 +187,9 @@ def test_overload_gets_quick_503s_and_keeps_throughput(half_speed: Observed) -> 
     # three times the goal: what it guards against is a refusal that waits behind
     # the work (seconds), not the Python proxy's own queueing on two cores. Most of
     # a refusal's time is Serve's proxy hop, not the ingress (its own log: p50 6 ms
-    # of the proxy's 20 ms). The clients' view (printed) adds the 160-thread load
-    # generator sharing the cores.
+    # of the proxy's 20 ms). With Serve's fast path (HAProxy, whose log goes to
+    # syslog) the figure is the ingress replica's own. The clients' view (printed)
+    # adds the 160-thread load generator sharing the cores.
     assert proxy_503 and p95(proxy_503) < 300, sorted(proxy_503)[-20:]
     assert loaded_rate >= 0.8 * unloaded_rate
     assert health and set(health) == {200}, health
