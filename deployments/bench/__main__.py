@@ -5,8 +5,11 @@ per megapixel, against Pillow's decode, exact and fast), ``fidelity`` (the fast
 cut-out against the exact one on every photo and generated case: its quality
 gate), ``throughput`` (the model limit, the same stages in process, the service
 over HTTP and ``rembg s`` side by side), ``cold`` (a start until the first
-cut-out, the first matting request, a new replica under load) and ``bulk``
-(``rembg-serve batch`` on Ray Data against the HTTP path, same images). It prints
+cut-out, the first matting request, a new replica under load), ``bulk``
+(``rembg-serve batch`` on Ray Data against the HTTP path, same images) and
+``fastpath`` (Ray Serve's fast path, HAProxy and the throughput-optimized mode,
+against its default: the CPU of each process per request, u2netp's throughput and
+latency, a burst of clients at once). It prints
 a table with each target marked PASS or FAIL and writes everything as JSON, with
 the machine and the date. Compare the ratios, not the absolute figures: machines
 differ several times in raw speed. ``python -m deployments.bench report`` renders
@@ -26,10 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deployments.bench import bulk, cold, fidelity, report, stages, throughput
+from deployments.bench import bulk, cold, fastpath, fidelity, report, stages, throughput
 from deployments.bench.harness import ROOT, Json, rembg_home, shared_images
 
-SECTIONS = ("stages", "fidelity", "throughput", "cold", "bulk")
+SECTIONS = ("stages", "fidelity", "throughput", "cold", "bulk", "fastpath")
 
 
 def machine() -> Json:
@@ -162,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             results["bulk"] = part
             targets += [judged(*t) for t in bulk.targets(part)]
             lines += bulk.table(part)
+        if "fastpath" in sections:
+            part = fastpath.run_section(tmp, images, args.quick)
+            results["fastpath"] = part
+            targets += [judged(*t) for t in fastpath.targets(part)]
+            lines += fastpath.table(part)
     results["targets"] = targets
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -26,19 +26,20 @@ BEGIN = "<!-- figures:begin -->"
 END = "<!-- figures:end -->"
 COMMAND = "python -m deployments.bench report"
 # The benchmark's sections in the order it runs them (its SECTIONS).
-SECTIONS = ("stages", "throughput", "cold", "bulk")
+SECTIONS = ("stages", "throughput", "cold", "bulk", "fastpath")
 
 
 def _section_tables() -> dict[str, Callable[[Json], list[str]]]:
     # Each section formats its own JSON, as the run printed it; imported here so
     # that `report --help` and a missing JSON need none of them.
-    from deployments.bench import bulk, cold, stages, throughput
+    from deployments.bench import bulk, cold, fastpath, stages, throughput
 
     return {
         "stages": stages.table,
         "throughput": throughput.table,
         "cold": cold.table,
         "bulk": bulk.table,
+        "fastpath": fastpath.table,
     }
 
 

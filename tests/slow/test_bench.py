@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from deployments.bench import report
 from deployments.bench.__main__ import main
 from deployments.bench.harness import FIXTURES
 
@@ -186,3 +187,57 @@ def test_quick_stages_section_reports_each_stage(tmp_path: Path) -> None:
     photos = [r["outside_model_x_pillow_decode"] for r in served if r["megapixels"] >= 1]
     assert judged["value"] == pytest.approx(max(photos), abs=1e-3), (judged, served)
     assert_verdicts(targets)
+
+
+@pytest.mark.bench
+def test_quick_fastpath_section_measures_both_modes(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["fastpath", "--quick", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())
+    results = run["fastpath"]
+
+    decode = results["decode_1mp_ms"]
+    assert positive(decode)
+    assert set(results["env"]) == set(results["standin"]) == {"default", "fast"}
+    for mode, rows in results["standin"].items():
+        assert set(rows) == {"64x64", "1mp"}, mode
+        for name, row in rows.items():
+            cpu, in_d = row["cpu_ms"], row["cpu_x_decode"]
+            # Every process group spent CPU on the uploads (the proxy is HAProxy's
+            # in the fast mode, Serve's Python one in the default).
+            assert set(cpu) == {"proxy", "ingress", "model", "ray", "all"}, (mode, name)
+            assert all(positive(v) for v in cpu.values()), (mode, name, cpu)
+            parts = sum(cpu[g] for g in ("proxy", "ingress", "model", "ray"))
+            assert cpu["all"] == pytest.approx(parts, abs=0.05), (mode, name, cpu)
+            assert in_d["all"] == pytest.approx(cpu["all"] / decode, abs=0.01), (mode, name)
+        # A megapixel costs the ingress more than a 64x64 thumbnail does.
+        assert rows["1mp"]["cpu_ms"]["ingress"] > rows["64x64"]["cpu_ms"]["ingress"], mode
+
+    u2 = results["u2netp"]
+    assert [r["mode"] for r in u2["runs"]] == u2["order"] == ["default", "fast"]
+    for r in u2["runs"]:
+        assert set(r["statuses"]) <= {"200", "503"}, r
+        assert positive(r["images_per_s"]), r
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["max"], r
+    for mode, m in u2["modes"].items():
+        assert m["runs"] == 1 and positive(m["images_per_s"]), (mode, m)
+        assert m["p99_over_p50"] == pytest.approx(m["p99_ms"] / m["p50_ms"], abs=0.01), m
+    ratio = u2["modes"]["fast"]["images_per_s"] / u2["modes"]["default"]["images_per_s"]
+    assert u2["fast_over_default"] == pytest.approx(ratio, abs=1e-3)
+    for mode, part in u2["burst"].items():
+        # Every client is counted once, by its status (0: no answer, a reset or a
+        # timeout; whether all are 200 or 503 is a target, judged, not asserted).
+        assert sum(part["statuses"].values()) == part["clients"] == 160, (mode, part)
+        assert all(s == "0" or 200 <= int(s) < 600 for s in part["statuses"]), (mode, part)
+        assert set(part["latency_ms"]) == set(part["statuses"]), (mode, part)
+        assert part["statuses"].get("200", 0) > 0, (mode, part)
+        for status, lat in part["latency_ms"].items():
+            assert 0 < lat["p50"] <= lat["p95"] <= lat["max"], (mode, status, lat)
+    assert set(u2["burst"]) == {"default", "fast"}
+
+    names = {t["name"] for t in run["targets"]}
+    assert {"fast: 64x64 CPU/request, all procs / D", "u2netp c16 img/s fast / default"} <= names
+    assert_verdicts(run["targets"])
+    # The figures section renders it beside the others.
+    assert "### fastpath\n\n```text\nfastpath: Serve's fast path" in report.render(run, "b.json")
