@@ -190,7 +190,7 @@ def test_quick_stages_section_reports_each_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.bench
-def test_quick_fastpath_section_measures_both_modes(tmp_path: Path) -> None:
+def test_fastpath_section_measures_both_modes(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert main(["fastpath", "--quick", "--out", str(out)]) == 0
     run = json.loads(out.read_text())
