@@ -36,6 +36,10 @@ FAST_PATH: Mapping[str, str] = {
     # ... but a request's log line is written when it happens (the optimized mode
     # buffers 1,000 lines with no time flush: lines would be lost at a stop).
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    # ... and replicas' lines still reach `serve run`'s console, as on the default
+    # path (the optimized mode keeps them in the log files only; measured: 0.6 ms of
+    # CPU a request, in Ray's log forwarding, 2-core machine).
+    "RAY_SERVE_LOG_TO_STDERR": "1",
     # HAProxy's idle limit for a client in the middle of a request (Ray: 3,600 s);
     # the service's own body read timeout is shorter still.
     "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "60",
