@@ -23,6 +23,7 @@ import httpx
 from deployments.client import DEFAULT_URL, ApiError, AsyncClient, Client, Options, Retry
 from deployments.decode import Limits
 from deployments.files import FileJob, output_is_whole, plan, remove_leftovers, write_atomic
+from deployments.launch import add_up_command
 from deployments.options import OptionsError, parse
 from deployments.reports import PoolReport
 from deployments.settings import AppSettings, LiveModelConfig
@@ -307,16 +308,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from deployments.launch import up
-
-    if not args.config.is_file():
-        print(f"no Serve config at {args.config}", file=sys.stderr)
-        return 2
-    up(args.config, [], fast_path=not args.no_fast_path)
-    return 0  # not reached: `serve run` replaced this process
-
-
 def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
     parser.add_argument(
@@ -333,18 +324,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = root.add_subparsers(dest="command", required=True)
 
-    start = sub.add_parser(
-        "up", help="start the service: `serve run CONFIG` with Ray Serve's fast path on"
-    )
-    start.add_argument(
-        "config", nargs="?", type=Path, default=Path("serve_config.yaml"), metavar="CONFIG"
-    )
-    start.add_argument(
-        "--no-fast-path",
-        action="store_true",
-        help="Serve's defaults: its Python proxy, no throughput-optimized mode",
-    )
-    start.set_defaults(func=cmd_up)
+    add_up_command(sub)
 
     fetch = sub.add_parser("fetch", help="download models into rembg's model store")
     fetch.add_argument("models", nargs="*", metavar="MODEL")

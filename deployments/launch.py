@@ -19,6 +19,7 @@ killed by the kernel when the actor that started it dies, however it dies.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -130,3 +131,27 @@ def up(config: Path, serve_args: Sequence[str], fast_path: bool = True) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     argv = [serve_command(), "run", str(config), *serve_args]
     os.execvpe(argv[0], argv, env)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    if not args.config.is_file():
+        print(f"no Serve config at {args.config}", file=sys.stderr)
+        return 2
+    up(args.config, [], fast_path=not args.no_fast_path)
+    return 0  # not reached: `serve run` replaced this process
+
+
+def add_up_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``rembg-serve up [CONFIG] [--no-fast-path]``."""
+    start = sub.add_parser(
+        "up", help="start the service: `serve run CONFIG` with Ray Serve's fast path on"
+    )
+    start.add_argument(
+        "config", nargs="?", type=Path, default=Path("serve_config.yaml"), metavar="CONFIG"
+    )
+    start.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="Serve's defaults: its Python proxy, no throughput-optimized mode",
+    )
+    start.set_defaults(func=_cmd_up)

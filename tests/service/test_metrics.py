@@ -63,6 +63,10 @@ def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
         "RAY_TMPDIR": str(temp),
         # Export every second instead of every ten, so the scrape sees requests soon.
         "RAY_metrics_report_interval_ms": "1000",
+        # Ray's agent keeps a gauge for two export intervals (2 s here) and the
+        # controller sets the replica-health gauge only every 10 s when it does not
+        # change: it was in a scrape 2 s out of 10. Set on every control loop instead.
+        "RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S": "0",
     }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
