@@ -178,7 +178,10 @@ def test_quick_stages_section_reports_each_stage(tmp_path: Path) -> None:
     assert [r["fidelity"] for r in served] == ["exact", "fast"] * 2
     for r in served:
         cpu = r["cpu_ms_per_image"]
-        assert all(positive(cpu[k]) for k in ("proxy", "ingress", "model")), r
+        assert all(positive(cpu[k]) for k in ("ingress", "model")), r
+        # HAProxy (the fast path's proxy) can spend less than /proc's 10 ms tick
+        # over a quick run's few tiny uploads.
+        assert cpu["proxy"] >= 0, r
         assert cpu["ingress"] >= 0.8 * r["ingress_stages_ms_per_image"], r
         assert positive(r["outside_model_x_pillow_decode"]), r
     # Judged on the worst of the photo-sized uploads (the tiny one is Serve's fixed cost).
