@@ -28,11 +28,18 @@ from deployments.admission import images_in_flight
 from deployments.api import HttpSettings, api_key_from, build_api
 from deployments.errors import InferenceFailed, Overloaded, ServiceError
 from deployments.metrics import IngressMetrics
+from deployments.model_server import ModelServer, in_process
 from deployments.models import spec_for
 from deployments.preprocess import unpack_mask
 from deployments.reports import ModelInfo, ModelsReport, PoolReplicaInfo, PoolReport, RefineState
-from deployments.service import Job, Remover, RemoverConfig, Served
-from deployments.settings import POOL_DEPLOYMENT, AppSettings, deployment_name
+from deployments.service import Job, Predict, Remover, RemoverConfig, Served
+from deployments.settings import (
+    POOL_DEPLOYMENT,
+    AppSettings,
+    IngressLiveConfig,
+    LiveModelConfig,
+    deployment_name,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -138,9 +145,14 @@ class Ingress:
         settings: dict[str, Any],
         models: dict[str, DeploymentHandle],
         pool: DeploymentHandle | None = None,
+        num_gpus: float = 0.0,
     ) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.handles = models
+        # models_in_ingress: the models' servers, here; they load in reconfigure().
+        self.local: dict[str, ModelServer] = {}
+        if self.settings.models_in_ingress:
+            self.local = {m.name: in_process(m, num_gpus) for m in self.settings.models}
         self.pool = pool
         self.metrics = IngressMetrics()
         api_key = api_key_from(self.settings.api_key, self.settings.api_key_env, os.environ)
@@ -152,7 +164,10 @@ class Ingress:
             work_timeout_s=self.settings.work_timeout_s,
         )
         threads = self.settings.ingress_threads or node_cpus()
-        predictors = {name: partial(predict_with, handle) for name, handle in models.items()}
+        predictors: dict[str, Predict] = {
+            name: partial(predict_with, handle) for name, handle in models.items()
+        }
+        predictors.update({name: server.predict for name, server in self.local.items()})
         pooled = self.settings.pool.models if self.settings.pool else []
         if pool is not None:
             for entry in pooled:
@@ -173,11 +188,46 @@ class Ingress:
             serve.status, _STATUS_S, _STATUS_TIMEOUT_S
         )
         self._infos: dict[str, ModelInfo] = {}
+        self.warmed = False
+        if not self.local:
+            await self._warm_up()
+
+    async def _warm_up(self) -> None:
         await self.remover.warm_up()
         if self.settings.refine_warmup == "startup":
             await self.remover.warm_refine(background=False)
         elif self.settings.refine_warmup == "background":
             self._refine_warmup = asyncio.get_running_loop().create_task(self.remover.warm_refine())
+        self.warmed = True
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """With ``models_in_ingress``: each model's live config (``IngressLiveConfig``),
+        applied by its server as a model replica applies its own (a failure on a
+        live replica keeps what serves); the first call loads the models, then the
+        whole path is warmed, all before the replica reports ready."""
+        if not self.local:
+            logger.warning("Ingress: user_config ignored; the models run in their own deployments")
+            return
+        try:
+            live = IngressLiveConfig.model_validate(user_config)
+            unknown = sorted(set(live.models) - set(self.local))
+            if unknown:
+                raise ValueError(f"user_config names models not served here: {unknown}")
+        except ValueError:
+            if not self.warmed:
+                raise
+            logger.exception("Ingress: user_config refused; serving as before")
+            return
+        for name, server in self.local.items():
+            model = live.models.get(name, LiveModelConfig())
+            await server.reconfigure(model.model_dump(mode="json"))
+        if not self.warmed:
+            await self._warm_up()
+
+    async def check_health(self) -> None:
+        """With ``models_in_ingress``: each model's own check (loaded; busy or proven)."""
+        for server in self.local.values():
+            await server.check_health()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve calls this after __init__: the app is built from this replica's settings.
@@ -225,7 +275,8 @@ class Ingress:
             app = (await self._serve_status.get()).applications[self.app_name]
         except Exception as exc:
             logger.warning("serve status unavailable: %r", exc)
-            return dict.fromkeys([*self.handles, *self.settings.pooled_names], False)
+            down = dict.fromkeys([*self.handles, *self.settings.pooled_names], False)
+            return down | {name: s.loaded is not None for name, s in self.local.items()}
 
         def running(deployment_name: str) -> bool:
             deployment = app.deployments.get(deployment_name)
@@ -234,7 +285,7 @@ class Ingress:
         up = {name: running(deployment_name(name)) for name in self.handles}
         pool_up = running(POOL_DEPLOYMENT)
         up.update(dict.fromkeys(self.settings.pooled_names, pool_up))
-        return up
+        return up | {name: s.loaded is not None for name, s in self.local.items()}
 
     async def models(self, timeout_s: float = 2.0) -> ModelsReport:
         """What each model's replica says of itself, or its last answer while it is
@@ -254,6 +305,7 @@ class Ingress:
             return info
 
         infos = await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
+        infos += [ModelInfo.model_validate(await s.info()) for s in self.local.values()]
         report = ModelsReport(
             default=self.settings.default_model_name,
             models=list(infos),

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -360,3 +360,13 @@ class ModelServer:
                 last_reconfigure_error=self.last_reconfigure_error,
             )
         )
+
+
+def in_process(model: ModelConfig, num_gpus: float) -> ModelServer:
+    """``model``'s server as a plain object of the calling replica (the ingress, with
+    ``models_in_ingress``): the same load, warm-up, ``@serve.batch``, live config and
+    reports as a deployment's replica, without the hop. It loads in ``reconfigure``."""
+    server: ModelServer = cast(Any, ModelServer).func_or_class(
+        model.model_dump(mode="json"), num_gpus
+    )
+    return server

@@ -21,6 +21,7 @@ from deployments.runtime import use_gpu_for
 from deployments.settings import (
     POOL_DEPLOYMENT,
     AppSettings,
+    IngressLiveConfig,
     LiveModelConfig,
     PoolLiveConfig,
     deployment_name,
@@ -45,16 +46,25 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # @serve.deployment turned the classes into Deployment objects; mypy sees classes.
     model_server, ingress = cast(serve.Deployment, ModelServer), cast(serve.Deployment, Ingress)
     handles = {}
-    for model in settings.models:
+    num_gpus = settings.num_gpus if gpu else 0.0
+    if settings.models_in_ingress:
+        # One hop: the ingress replicas hold the models, so they take the model
+        # replicas' resources; batch knobs and model files in their user_config.
+        ingress = ingress.options(
+            # serve_config.yaml's Ingress env (the one-hop config has no
+            # ray_actor_options of its own: a config's would replace these whole).
+            ray_actor_options=actor_options
+            | {"runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}},
+            user_config=IngressLiveConfig().model_dump(mode="json"),
+        )
+    for model in [] if settings.models_in_ingress else settings.models:
         deployment = model_server.options(
             name=deployment_name(model.name),
             ray_actor_options=actor_options,
             # serve_config.yaml's user_config for this deployment replaces this.
             user_config=LiveModelConfig().model_dump(mode="json"),
         )
-        handles[model.name] = deployment.bind(
-            model.model_dump(mode="json"), settings.num_gpus if gpu else 0.0
-        )
+        handles[model.name] = deployment.bind(model.model_dump(mode="json"), num_gpus)
     pool = None
     if settings.pool is not None:
         pool = (
@@ -64,13 +74,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                 ray_actor_options=actor_options,
                 user_config=PoolLiveConfig().model_dump(mode="json"),
             )
-            .bind(settings.pool.model_dump(mode="json"), settings.num_gpus if gpu else 0.0)
+            .bind(settings.pool.model_dump(mode="json"), num_gpus)
         )
     logger.info(
-        "building app: device %s, models %s, pooled %s",
+        "building app: device %s, models %s%s, pooled %s",
         "gpu" if gpu else "cpu",
-        list(handles),
+        [m.name for m in settings.models],
+        " (in the ingress)" if settings.models_in_ingress else "",
         settings.pooled_names,
     )
-    app: serve.Application = ingress.bind(settings.model_dump(mode="json"), handles, pool)
+    app: serve.Application = ingress.bind(settings.model_dump(mode="json"), handles, pool, num_gpus)
     return app

@@ -159,6 +159,11 @@ class AppSettings(_Strict):
     num_gpus: float = Field(default=0.25, gt=0, le=1)
     # CPUs per model replica; ONNX Runtime's thread count follows it.
     num_cpus: float = Field(default=1, gt=0)
+    # One hop: each model's session runs inside every ingress replica (with
+    # num_cpus and num_gpus above), batched there, instead of in a deployment of
+    # its own behind a handle call. Batch knobs and model files then live in the
+    # Ingress's user_config ({models: {<name>: <a model's user_config>}}).
+    models_in_ingress: bool = False
     # Threads in the ingress's pool for decode/resize/compose/encode; None means
     # the cores of the node it runs on.
     ingress_threads: int | None = Field(default=None, gt=0)
@@ -250,3 +255,54 @@ class LiveModelConfig(_Strict):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10)
     model_path: Path | None = None
     model_version: str | None = None
+
+
+class IngressLiveConfig(_Strict):
+    """The Ingress's ``user_config`` where the models run in it
+    (``AppSettings.models_in_ingress``): each model's live config by name."""
+
+    models: dict[str, LiveModelConfig] = Field(default_factory=dict)
+
+
+# What a one-hop Ingress takes from the model's deployment block: its replicas
+# now hold the model, so they scale, stop and are health-checked as it was.
+_FROM_MODEL_BLOCK = (
+    "autoscaling_config",
+    "graceful_shutdown_timeout_s",
+    "health_check_period_s",
+    "health_check_timeout_s",
+)
+
+
+def one_hop(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (serve_config.yaml's format) with the models run inside the ingress
+    replicas (``AppSettings.models_in_ingress``).
+
+    Each ``Model_<name>`` block goes: its ``user_config`` moves into the Ingress's
+    (``IngressLiveConfig``) and the Ingress takes its autoscaling, shutdown and
+    health-check options. The Ingress's ``ray_actor_options`` go too: a config's
+    replace the code's whole, and the code gives a one-hop Ingress the model
+    replicas' resources (the app args ``num_cpus`` and, on a GPU, ``num_gpus``).
+    """
+    out = copy.deepcopy(dict(config))
+    app = service_app(out)
+    app["args"] = merged(app.get("args") or {}, {"models_in_ingress": True})
+    blocks = app.get("deployments") or []
+    models = {
+        d["name"][len(MODEL_DEPLOYMENT_PREFIX) :]: d
+        for d in blocks
+        if d["name"].startswith(MODEL_DEPLOYMENT_PREFIX)
+    }
+    first: dict[str, Any] = next(iter(models.values()), {})
+    kept = []
+    for block in blocks:
+        if block["name"] in (deployment_name(m) for m in models):
+            continue
+        if block["name"] == "Ingress":
+            block = {k: v for k, v in block.items() if k != "ray_actor_options"}
+            block.update({k: first[k] for k in _FROM_MODEL_BLOCK if k in first})
+            live = {m: d["user_config"] for m, d in models.items() if "user_config" in d}
+            block["user_config"] = {"models": live}
+        kept.append(block)
+    app["deployments"] = kept
+    return out

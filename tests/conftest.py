@@ -39,7 +39,14 @@ SHARED_IMAGES = sorted(FIXTURES.glob("*-1.jpg"))
 OUTPUT = ROOT / "test-output"
 
 # A test that starts `serve run` (through these fixtures) is an end-to-end test.
-SERVICE_FIXTURES = {"service", "secured", "observed", "small_service", "soak_service"}
+SERVICE_FIXTURES = {
+    "service",
+    "secured",
+    "observed",
+    "small_service",
+    "soak_service",
+    "one_hop_service",
+}
 
 Service = Running
 

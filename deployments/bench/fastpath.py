@@ -20,6 +20,11 @@ mode is measured through the same harness, in the same run:
    unmeasured load; then, in the first service of each mode, 160 clients arriving
    at once, each with one upload of car-1.jpg: the statuses they get and how long
    the refused ones waited for their 503.
+
+A third mode, ``one-hop``, is the fast path with the models inside the ingress
+replicas (``deployments.settings.one_hop``: config/serve_config.one_hop.yaml's
+transform): the same figures without the ingress -> model handle call (its
+``model`` group is then empty: the model's CPU is in the ingress's).
 """
 
 from __future__ import annotations
@@ -57,13 +62,17 @@ from deployments.bench.stages import (
     standin_model,
 )
 from deployments.launch import FAST_PATH
+from deployments.settings import one_hop
 
 # The environment of `rembg-serve up` per mode; the fast one named in full so that
 # a caller's environment that turns it off cannot make both modes the same.
 MODES: dict[str, dict[str, str]] = {
     "default": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
     "fast": dict(FAST_PATH),
+    "one-hop": dict(FAST_PATH),
 }
+# The modes whose service runs the models in the ingress (one hop).
+ONE_HOP = frozenset({"one-hop"})
 GROUPS = ("proxy", "ingress", "model", "ray")
 # Stand-in uploads: input -> requests measured (a full run, a quick one).
 UPLOADS = {"64x64": 300, "1mp": 60}
@@ -77,11 +86,17 @@ CONCURRENCY = 16
 LOAD_S = 30.0
 QUICK_LOAD_S = 8.0
 WARMUP_S = 3.0
-ORDER = ("default", "fast", "fast", "default")
-QUICK_ORDER = ("default", "fast")
+ORDER = ("default", "fast", "one-hop", "one-hop", "fast", "default")
+QUICK_ORDER = ("default", "fast", "one-hop")
 BURST_CLIENTS = 160
 BURST_TIMEOUT_S = 120.0
 BURST_PHOTO = "car-1.jpg"
+
+
+def config_for(mode: str, args: Json | None = None) -> Json:
+    """serve_config.yaml on a free port with ``args``, in ``mode``'s topology."""
+    config = serve_config(free_port(), args=args)
+    return one_hop(config) if mode in ONE_HOP else config
 
 
 def tiny_jpeg(photo: Image.Image, side: int = 64) -> bytes:
@@ -113,16 +128,16 @@ def _send(service: Running, data: bytes, times: int) -> None:
 
 
 def standin_cpu(
-    directory: Path, env: dict[str, str], uploads: dict[str, tuple[bytes, int]], decode_ms: float
+    directory: Path, mode: str, uploads: dict[str, tuple[bytes, int]], decode_ms: float
 ) -> Json:
     """CPU ms per request of each process group (and of all), and in units of
     ``decode_ms``, for each of ``uploads`` (name -> (file, requests)), through a
-    service with the stand-in model started with ``env``."""
+    service with the stand-in model started in ``mode``."""
     directory.mkdir()
     standin = standin_model(directory)
     args = {"refine_warmup": "off", "models": [{"name": "u2netp", "path": str(standin)}]}
     rows: Json = {}
-    with running_service(directory, serve_config(free_port(), args=args), env=env) as service:
+    with running_service(directory, config_for(mode, args), env=MODES[mode]) as service:
         session = service.process.pid
         for name, (data, count) in uploads.items():
             _send(service, data, WARMUP[name])
@@ -195,7 +210,7 @@ def u2netp_runs(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
         directory = tmp / f"fastpath-u2netp-{index}-{mode}"
         directory.mkdir()
         print(f"fastpath: u2netp, {mode} mode, c{CONCURRENCY} for {seconds:g} s ...", flush=True)
-        with running_service(directory, serve_config(free_port()), env=MODES[mode]) as service:
+        with running_service(directory, config_for(mode), env=MODES[mode]) as service:
             run_load(service.url, images, CONCURRENCY, seconds=WARMUP_S)
             summary = run_load(service.url, images, CONCURRENCY, seconds=seconds).summary()
             runs.append(
@@ -222,6 +237,7 @@ def u2netp_runs(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
             "p99_over_p50": round(p99 / p50, 2) if p50 else None,
         }
     default = modes["default"]["images_per_s"]
+    fast = modes["fast"]["images_per_s"]
     return {
         "concurrency": CONCURRENCY,
         "seconds": seconds,
@@ -229,6 +245,7 @@ def u2netp_runs(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
         "runs": runs,
         "modes": modes,
         "fast_over_default": round(modes["fast"]["images_per_s"] / default, 3) if default else None,
+        "one_hop_over_fast": round(modes["one-hop"]["images_per_s"] / fast, 3) if fast else None,
         "burst": bursts,
     }
 
@@ -247,10 +264,10 @@ def run_section(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
         "decode_repeats": DECODE_REPEATS,
         "standin": {},
     }
-    for mode, env in MODES.items():
+    for mode in MODES:
         print(f"fastpath: CPU per request by process, stand-in model, {mode} mode ...", flush=True)
         directory = tmp / f"fastpath-standin-{mode}"
-        results["standin"][mode] = standin_cpu(directory, env, uploads, decode_ms)
+        results["standin"][mode] = standin_cpu(directory, mode, uploads, decode_ms)
     results["u2netp"] = u2netp_runs(tmp, images, quick)
     return results
 
@@ -274,10 +291,14 @@ def targets(results: Json) -> list[tuple[str, float | bool | None, str, float | 
     return [
         ("fast: 64x64 CPU/request, all procs / D", fixed["fast"], "<=", 1.5),
         ("default: 64x64 CPU/request, all / D", fixed["default"], "<=", None),
+        ("one hop: 64x64 CPU/request, all / D", fixed["one-hop"], "<=", 1.5),
         ("fast: 1MP JPEG->PNG CPU, all procs / D", photo["fast"], "<=", 12.0),
         ("default: 1MP JPEG->PNG CPU, all / D", photo["default"], "<=", None),
+        ("one hop: 1MP JPEG->PNG CPU, all / D", photo["one-hop"], "<=", 12.0),
         ("u2netp c16 img/s fast / default", u2["fast_over_default"], ">=", 1.0),
         ("u2netp c16 p99/p50 fast", spread["fast"], "<=", 2.0),
+        ("u2netp c16 img/s one hop / fast", u2["one_hop_over_fast"], ">=", None),
+        ("u2netp c16 p99/p50 one hop", spread["one-hop"], "<=", 2.0),
         ("u2netp c16 p99/p50 default", spread["default"], "<=", None),
         ("burst fast: only 200 and 503", _others(bursts["fast"]) == 0, "==", None),
         ("burst default: not 200 or 503", _others(bursts["default"]), "<=", None),
@@ -319,6 +340,7 @@ def table(results: Json) -> list[str]:
             f"{m['p99_over_p50']!s:>9}  {each}"
         )
     lines.append(f"fast / default images/s: {u2['fast_over_default']}")
+    lines.append(f"one hop / fast images/s: {u2['one_hop_over_fast']}")
     lines += ["", f"burst: {BURST_CLIENTS} clients at once, one POST /remove of {BURST_PHOTO} each"]
     lines.append(f"{'mode':8}{'503 p50 ms':>11}{'503 p95 ms':>11}{'200 p50 ms':>11}  statuses")
     for mode, part in u2["burst"].items():

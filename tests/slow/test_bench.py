@@ -193,7 +193,7 @@ def test_quick_stages_section_reports_each_stage(tmp_path: Path) -> None:
 
 
 @pytest.mark.bench
-def test_fastpath_section_measures_both_modes(tmp_path: Path) -> None:
+def test_fastpath_section_measures_every_mode(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert main(["fastpath", "--quick", "--out", str(out)]) == 0
     run = json.loads(out.read_text())
@@ -201,15 +201,19 @@ def test_fastpath_section_measures_both_modes(tmp_path: Path) -> None:
 
     decode = results["decode_1mp_ms"]
     assert positive(decode)
-    assert set(results["env"]) == set(results["standin"]) == {"default", "fast"}
+    assert set(results["env"]) == set(results["standin"]) == {"default", "fast", "one-hop"}
     for mode, rows in results["standin"].items():
         assert set(rows) == {"64x64", "1mp"}, mode
         for name, row in rows.items():
             cpu, in_d = row["cpu_ms"], row["cpu_x_decode"]
             # Every process group spent CPU on the uploads (the proxy is HAProxy's
-            # in the fast mode, Serve's Python one in the default).
+            # in the fast modes, Serve's Python one in the default); with one hop
+            # there is no model replica: the model runs in the ingress.
             assert set(cpu) == {"proxy", "ingress", "model", "ray", "all"}, (mode, name)
-            assert all(positive(v) for v in cpu.values()), (mode, name, cpu)
+            spent = {g: v for g, v in cpu.items() if not (mode == "one-hop" and g == "model")}
+            assert all(positive(v) for v in spent.values()), (mode, name, cpu)
+            if mode == "one-hop":
+                assert cpu["model"] == 0, (name, cpu)
             parts = sum(cpu[g] for g in ("proxy", "ingress", "model", "ray"))
             assert cpu["all"] == pytest.approx(parts, abs=0.05), (mode, name, cpu)
             assert in_d["all"] == pytest.approx(cpu["all"] / decode, abs=0.01), (mode, name)
@@ -217,7 +221,7 @@ def test_fastpath_section_measures_both_modes(tmp_path: Path) -> None:
         assert rows["1mp"]["cpu_ms"]["ingress"] > rows["64x64"]["cpu_ms"]["ingress"], mode
 
     u2 = results["u2netp"]
-    assert [r["mode"] for r in u2["runs"]] == u2["order"] == ["default", "fast"]
+    assert [r["mode"] for r in u2["runs"]] == u2["order"] == ["default", "fast", "one-hop"]
     for r in u2["runs"]:
         assert set(r["statuses"]) <= {"200", "503"}, r
         assert positive(r["images_per_s"]), r
@@ -228,6 +232,8 @@ def test_fastpath_section_measures_both_modes(tmp_path: Path) -> None:
         assert m["p99_over_p50"] == pytest.approx(m["p99_ms"] / m["p50_ms"], abs=0.01), m
     ratio = u2["modes"]["fast"]["images_per_s"] / u2["modes"]["default"]["images_per_s"]
     assert u2["fast_over_default"] == pytest.approx(ratio, abs=1e-3)
+    hop = u2["modes"]["one-hop"]["images_per_s"] / u2["modes"]["fast"]["images_per_s"]
+    assert u2["one_hop_over_fast"] == pytest.approx(hop, abs=1e-3)
     for mode, part in u2["burst"].items():
         # Every client is counted once, by its status (0: no answer, a reset or a
         # timeout; whether all are 200 or 503 is a target, judged, not asserted).

@@ -25,6 +25,7 @@ from test_scaling import (
 
 from conftest import free_port
 from deployments.models import EMBEDDED
+from deployments.settings import merged, one_hop
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,22 @@ def started(cluster: LocalServe, port: int, **model: Any) -> LocalServe:
     return cluster
 
 
-def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
+def configured(topology: str, port: int, **model: Any) -> dict[str, Any]:
+    """``edited_config``; for "one_hop", its one-hop form (config/serve_config.one_hop.yaml's
+    transform) with ``model``'s options given to the Ingress, which holds the model."""
+    if topology == "split":
+        return edited_config(port, **model)
+    config = one_hop(edited_config(port))
+    app = config["applications"][0]
+    edit = {**model, "user_config": {"models": {"u2netp": model.get("user_config", {})}}}
+    app["deployments"] = [
+        merged(d, edit) if d["name"] == "Ingress" else d for d in app["deployments"]
+    ]
+    return config
+
+
+@pytest.mark.parametrize("topology", ["split", "one_hop"])
+def test_model_swap_through_config_keeps_every_request(tmp_path: Path, topology: str) -> None:
     # "The new model": a copy of the embedded u2netp under another name, so
     # that /models can tell which file answers.
     new_file = tmp_path / "u2netp-v2.onnx"
@@ -51,7 +67,8 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
         # One fixed replica: the update must happen inside it, not by
         # replacing it.
         fixed = {"autoscaling_config": None, "num_replicas": 1}
-        started(cluster, port, user_config={"max_batch_size": 2}, **fixed)
+        cluster.url = f"http://127.0.0.1:{port}"
+        cluster.deploy(configured(topology, port, user_config={"max_batch_size": 2}, **fixed))
         before = model_info(cluster)
         assert before["file"] == "u2netp.onnx" and before["model_version"] is None
 
@@ -60,7 +77,8 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
             before_update = running.statuses()[200]
             # Returns once the app is RUNNING again: reconfigure() has swapped.
             cluster.deploy(
-                edited_config(
+                configured(
+                    topology,
                     port,
                     user_config={
                         "max_batch_size": 4,
@@ -84,7 +102,8 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
             # A bad update: a model file that is not there (a typo). The replica
             # keeps serving v2, says why in /models, and is not replaced.
             cluster.deploy(
-                edited_config(
+                configured(
+                    topology,
                     port,
                     user_config={
                         "max_batch_size": 4,
@@ -111,7 +130,7 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path) -> None:
         assert after["file"] == "u2netp-v2.onnx" and after["model_version"] == "v2"
         assert after["max_batch_size"] == 4 and 4 in after["batch_shapes"]
         # reconfigure() swapped the session inside the same replica (same id, same pid).
-        assert replicas() == 1
+        assert replicas(MODEL if topology == "split" else "Ingress") == 1
         assert (after["replica"], after["pid"]) == (before["replica"], before["pid"])
         # The bad update left that replica serving v2, with the error's kind shown.
         assert (bad["replica"], bad["pid"], bad["file"]) == (

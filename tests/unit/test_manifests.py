@@ -27,7 +27,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from conftest import ROOT
 from deployments.launch import FAST_PATH, HAPROXY_BINARY
-from deployments.settings import AppSettings, LiveModelConfig
+from deployments.settings import AppSettings, IngressLiveConfig, LiveModelConfig, one_hop
 
 CONFIG = ROOT / "config"
 
@@ -78,6 +78,26 @@ def test_overrides_touch_only_what_a_gpu_cluster_changes() -> None:
     assert changed == {"device", "num_cpus", "fidelity"}
     assert base["deployments"] != gpu["deployments"]
     assert [d["name"] for d in base["deployments"]] == [d["name"] for d in gpu["deployments"]]
+
+
+def test_one_hop_config_is_serve_config_with_the_models_in_the_ingress() -> None:
+    path = CONFIG / "serve_config.one_hop.yaml"
+    base = load(ROOT / "serve_config.yaml")
+    # Byte for byte what `python config/gpu_config.py` writes.
+    assert path.read_text() == gpu_config.ONE_HOP_HEADER + gpu_config.dump(one_hop(base))
+    app, before = load(path)["applications"][0], base["applications"][0]
+    assert before["args"]["models_in_ingress"] is False and app["args"]["models_in_ingress"] is True
+    assert {**app["args"], "models_in_ingress": False} == before["args"]
+    [ingress] = app["deployments"]
+    model = next(d for d in before["deployments"] if d["name"] == "Model_u2netp")
+    # The replicas now hold the model: its batch knobs, scaling and health checks.
+    live = IngressLiveConfig.model_validate(ingress["user_config"])
+    assert live.models["u2netp"] == LiveModelConfig.model_validate(model["user_config"])
+    assert ingress["autoscaling_config"] == model["autoscaling_config"]
+    assert ingress["health_check_timeout_s"] == model["health_check_timeout_s"]
+    # No ray_actor_options: a config's would replace the model's resources the code sets.
+    assert "ray_actor_options" not in ingress
+    ServeDeploySchema.model_validate(load(path))
 
 
 @pytest.mark.parametrize(
@@ -279,3 +299,31 @@ def test_front_proxies_match_the_service_limits() -> None:
     # sending these: nginx blanks them (an empty value is not forwarded).
     for header in ("X-Request-Timeout-Seconds", "X-Request-Disconnect-Disabled"):
         assert f'proxy_set_header {header} "";' in nginx
+
+
+def test_one_hop_moves_each_models_live_config_into_the_ingress() -> None:
+    config = {
+        "applications": [
+            {
+                "name": "rembg",
+                "import_path": "deployments.serve_app:build_app",
+                "args": {"models": [{"name": "u2netp"}, {"name": "isnet-general-use"}]},
+                "deployments": [
+                    {"name": "Ingress", "ray_actor_options": {"num_cpus": 0}},
+                    {"name": "Model_u2netp", "user_config": {"max_batch_size": 2}},
+                    {"name": "Model_isnet-general-use", "user_config": {"max_batch_size": 8}},
+                    {"name": "Pool", "user_config": {"max_batch_size": 4}},
+                ],
+            }
+        ]
+    }
+    app = one_hop(config)["applications"][0]
+    assert [d["name"] for d in app["deployments"]] == ["Ingress", "Pool"]
+    live = IngressLiveConfig.model_validate(app["deployments"][0]["user_config"])
+    assert {name: m.max_batch_size for name, m in live.models.items()} == {
+        "u2netp": 2,
+        "isnet-general-use": 8,
+    }
+    assert "ray_actor_options" not in app["deployments"][0]
+    # The input is left as it was.
+    assert len(config["applications"][0]["deployments"]) == 4
