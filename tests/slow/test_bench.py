@@ -243,10 +243,15 @@ def test_fastpath_section_measures_every_mode(tmp_path: Path) -> None:
         assert part["statuses"].get("200", 0) > 0, (mode, part)
         for status, lat in part["latency_ms"].items():
             assert 0 < lat["p50"] <= lat["p95"] <= lat["max"], (mode, status, lat)
-    assert set(u2["burst"]) == {"default", "fast"}
+    assert set(u2["burst"]) == {"default", "fast", "one-hop"}
 
     names = {t["name"] for t in run["targets"]}
-    assert {"fast: 64x64 CPU/request, all procs / D", "u2netp c16 img/s fast / default"} <= names
+    assert {
+        "fast: 64x64 CPU/request, all procs / D",
+        "one hop: 64x64 CPU/request, all / D",
+        "u2netp c16 img/s fast / default",
+        "u2netp c16 img/s one hop / fast",
+    } <= names
     assert_verdicts(run["targets"])
     # The figures section renders it beside the others.
     assert "### fastpath\n\n```text\nfastpath: Serve's fast path" in report.render(run, "b.json")
