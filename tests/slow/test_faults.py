@@ -40,12 +40,16 @@ def _replica(deployment: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def in_process_service() -> Iterator[str]:
+def in_process_service(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The app in its topology (``request.param``): "split" (the default), each model a
+    deployment of its own; "one_hop", the models inside the ingress replicas."""
     ray.init(num_cpus=2, include_dashboard=False, address="local")
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"num_cpus": 1}), name="rembg", route_prefix="/")
+        one_hop = getattr(request, "param", "split") == "one_hop"
+        args = {"num_cpus": 1, "models_in_ingress": one_hop}
+        serve.run(build_app(args), name="rembg", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -68,8 +72,15 @@ def _wait_until_serving(url: str, after: float, timeout_s: float = 180) -> float
 
 @pytest.mark.slow
 @pytest.mark.serve
-@pytest.mark.parametrize("deployment", ["Model_u2netp", "Ingress"])
-def test_replica_killed_under_load_recovers(in_process_service: str, deployment: str) -> None:
+@pytest.mark.parametrize(
+    ("in_process_service", "deployment"),
+    # With one hop the model's replica is the ingress's: killing it is the model's crash.
+    [("split", "Model_u2netp"), ("split", "Ingress"), ("one_hop", "Ingress")],
+    indirect=["in_process_service"],
+)
+def test_replica_killed_under_load_recovers(
+    in_process_service: str, deployment: str, request: pytest.FixtureRequest
+) -> None:
     url = in_process_service
     _wait_until_serving(url, time.monotonic())
     actor, name = _replica(deployment)
@@ -91,9 +102,10 @@ def test_replica_killed_under_load_recovers(in_process_service: str, deployment:
     retried_ok = sum(o.status == 200 for o in retrying.outcomes)
     lost = [o for o in retrying.outcomes if o.status != 200]
     print(
-        f"\nkill {deployment}: {len(plain.outcomes)} plain calls, {in_flight} in flight at the "
-        f"kill, {len(failed)} failed {sorted({o.status for o in failed})}; recovered "
-        f"in {recovery_s:.1f}s; retrying client: {retried_ok} ok, {len(lost)} lost, "
+        f"\nkill {request.node.callspec.id}: {len(plain.outcomes)} plain calls, "
+        f"{in_flight} in flight at the kill, {len(failed)} failed "
+        f"{sorted({o.status for o in failed})}; recovered in {recovery_s:.1f}s; "
+        f"retrying client: {retried_ok} ok, {len(lost)} lost, "
         f"{sum(o.attempts - 1 for o in retrying.outcomes)} retries\n"
         f"  failure bodies: {sorted({o.error for o in failed})}"
     )
