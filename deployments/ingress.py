@@ -36,9 +36,8 @@ from deployments.service import Job, Predict, Remover, RemoverConfig, Served
 from deployments.settings import (
     POOL_DEPLOYMENT,
     AppSettings,
-    IngressLiveConfig,
-    LiveModelConfig,
     deployment_name,
+    ingress_model_parts,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -152,7 +151,8 @@ class Ingress:
         # models_in_ingress: the models' servers, here; they load in reconfigure().
         self.local: dict[str, ModelServer] = {}
         if self.settings.models_in_ingress:
-            self.local = {m.name: in_process(m, num_gpus) for m in self.settings.models}
+            cpus = self.settings.num_cpus
+            self.local = {m.name: in_process(m, num_gpus, cpus) for m in self.settings.models}
         self.pool = pool
         self.metrics = IngressMetrics()
         api_key = api_key_from(self.settings.api_key, self.settings.api_key_env, os.environ)
@@ -201,26 +201,29 @@ class Ingress:
         self.warmed = True
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """With ``models_in_ingress``: each model's live config (``IngressLiveConfig``),
-        applied by its server as a model replica applies its own (a failure on a
-        live replica keeps what serves); the first call loads the models, then the
-        whole path is warmed, all before the replica reports ready."""
+        """With ``models_in_ingress``: ``{models: {<name>: <a model's user_config>}}``,
+        each part applied by its model's server as a model replica applies its own (on
+        a live replica a failure keeps what serves and shows in ``/models``); a model
+        not named gets the defaults. The first call loads the models, then warms the
+        whole path, before the replica reports ready.
+
+        A user_config of another shape, or naming a model not served here, fails the
+        replica's start; on a live replica it changes nothing, and every model here
+        shows it as its ``last_reconfigure_error``."""
         if not self.local:
             logger.warning("Ingress: user_config ignored; the models run in their own deployments")
             return
         try:
-            live = IngressLiveConfig.model_validate(user_config)
-            unknown = sorted(set(live.models) - set(self.local))
-            if unknown:
-                raise ValueError(f"user_config names models not served here: {unknown}")
-        except ValueError:
+            parts = ingress_model_parts(user_config, set(self.local))
+        except ValueError as exc:
             if not self.warmed:
                 raise
-            logger.exception("Ingress: user_config refused; serving as before")
+            logger.exception("Ingress: user_config refused; every model serves as before")
+            for server in self.local.values():
+                server.refused(exc)
             return
         for name, server in self.local.items():
-            model = live.models.get(name, LiveModelConfig())
-            await server.reconfigure(model.model_dump(mode="json"))
+            await server.reconfigure(parts.get(name, {}))
         if not self.warmed:
             await self._warm_up()
 

@@ -195,16 +195,20 @@ class ModelServer:
             # The full error (paths included) goes to the replica's log; /models is
             # public and shows only its kind.
             logger.exception("model %s: reconfigure failed; serving as before", self.name)
-            version = user_config.get("model_version")
-            self.last_reconfigure_error = ReconfigureError(
-                at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                error=type(exc).__name__,
-                model_version=None if version is None else str(version),
-            )
-            self.metrics.reconfigured(self.name, ok=False)
+            self.refused(exc, user_config.get("model_version"))
         else:
             self.last_reconfigure_error = None
             self.metrics.reconfigured(self.name, ok=True)
+
+    def refused(self, exc: Exception, version: object = None) -> None:
+        """Record a live config not applied (``/models``' ``last_reconfigure_error``,
+        the ``rembg_model_reconfigure_failed`` gauge); what serves stays."""
+        self.last_reconfigure_error = ReconfigureError(
+            at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            error=type(exc).__name__,
+            model_version=None if version is None else str(version),
+        )
+        self.metrics.reconfigured(self.name, ok=False)
 
     async def _apply(self, live: LiveModelConfig) -> None:
         started = time.perf_counter()
@@ -362,11 +366,15 @@ class ModelServer:
         )
 
 
-def in_process(model: ModelConfig, num_gpus: float) -> ModelServer:
+def in_process(model: ModelConfig, num_gpus: float, cpus: float) -> ModelServer:
     """``model``'s server as a plain object of the calling replica (the ingress, with
     ``models_in_ingress``): the same load, warm-up, ``@serve.batch``, live config and
-    reports as a deployment's replica, without the hop. It loads in ``reconfigure``."""
+    reports as a deployment's replica, without the hop. It loads in ``reconfigure``.
+
+    ``cpus`` and ``num_gpus`` are this model's share of the replica (which reserves
+    them once per model it holds): its ONNX Runtime threads and its GPU memory cap."""
+    resources = Resources(cpus, tuple(str(g) for g in ray.get_gpu_ids()))
     server: ModelServer = cast(Any, ModelServer).func_or_class(
-        model.model_dump(mode="json"), num_gpus
+        model.model_dump(mode="json"), num_gpus, resources
     )
     return server

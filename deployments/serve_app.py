@@ -36,6 +36,20 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def _per_model(actor_options: dict[str, Any], models: int) -> dict[str, Any]:
+    """A one-hop ingress replica's resources: a model replica's, ``models`` times."""
+    options = {"num_cpus": actor_options["num_cpus"] * models}
+    if "num_gpus" in actor_options:
+        options["num_gpus"] = actor_options["num_gpus"] * models
+        if options["num_gpus"] > 1:
+            raise ValueError(
+                f"models_in_ingress: {models} models x num_gpus {actor_options['num_gpus']} "
+                "is more than one GPU per replica; lower num_gpus or give each model its "
+                "own deployment"
+            )
+    return options
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application builder for serve_config.yaml's ``import_path``."""
     settings = AppSettings.model_validate(args)
@@ -48,13 +62,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     handles = {}
     num_gpus = settings.num_gpus if gpu else 0.0
     if settings.models_in_ingress:
-        # One hop: the ingress replicas hold the models, so they take the model
-        # replicas' resources; batch knobs and model files in their user_config.
+        # One hop: each ingress replica holds every model, so it takes a model
+        # replica's resources once per model; batch knobs and model files in its
+        # user_config.
         ingress = ingress.options(
-            # serve_config.yaml's Ingress env (the one-hop config has no
-            # ray_actor_options of its own: a config's would replace these whole).
-            ray_actor_options=actor_options
-            | {"runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}},
+            ray_actor_options=_per_model(actor_options, len(settings.models)),
             user_config=IngressLiveConfig().model_dump(mode="json"),
         )
     for model in [] if settings.models_in_ingress else settings.models:

@@ -264,6 +264,21 @@ class IngressLiveConfig(_Strict):
     models: dict[str, LiveModelConfig] = Field(default_factory=dict)
 
 
+def ingress_model_parts(user_config: Mapping[str, Any], served: set[str]) -> dict[str, Any]:
+    """Each model's part of a one-hop Ingress's ``user_config``, unchecked (its model's
+    server checks it, as a model replica checks its own); ValueError if the whole
+    has another shape than ``IngressLiveConfig``'s or names a model not in ``served``."""
+    models = user_config.get("models", {})
+    if set(user_config) - {"models"} or not isinstance(models, Mapping):
+        raise ValueError("the Ingress's user_config is {models: {<name>: <a model's user_config>}}")
+    if not all(isinstance(part, Mapping) for part in models.values()):
+        raise ValueError("each model's part of the Ingress's user_config is a mapping")
+    unknown = sorted(set(models) - served)
+    if unknown:
+        raise ValueError(f"the Ingress's user_config names models not served here: {unknown}")
+    return dict(models)
+
+
 # What a one-hop Ingress takes from the model's deployment block: its replicas
 # now hold the model, so they scale, stop and are health-checked as it was.
 _FROM_MODEL_BLOCK = (
@@ -276,18 +291,22 @@ _FROM_MODEL_BLOCK = (
 
 def one_hop(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` (serve_config.yaml's format) with the models run inside the ingress
-    replicas (``AppSettings.models_in_ingress``).
+    replicas (``AppSettings.models_in_ingress``); a config already so is unchanged.
 
     Each ``Model_<name>`` block goes: its ``user_config`` moves into the Ingress's
-    (``IngressLiveConfig``) and the Ingress takes its autoscaling, shutdown and
-    health-check options. The Ingress's ``ray_actor_options`` go too: a config's
-    replace the code's whole, and the code gives a one-hop Ingress the model
-    replicas' resources (the app args ``num_cpus`` and, on a GPU, ``num_gpus``).
+    (``IngressLiveConfig``) and the Ingress takes the first one's (the default
+    model's) autoscaling, shutdown and health-check options. The Ingress's
+    ``ray_actor_options`` go too, as a config's replace the code's whole and the code
+    gives a one-hop Ingress the models' resources (the app args ``num_cpus`` and, on
+    a GPU, ``num_gpus``, per model); their ``runtime_env`` (environment variables, an
+    API key's) moves to the application's, which Serve hands to every deployment.
     """
     out = copy.deepcopy(dict(config))
     app = service_app(out)
     app["args"] = merged(app.get("args") or {}, {"models_in_ingress": True})
-    blocks = app.get("deployments") or []
+    blocks = list(app.get("deployments") or [])
+    if not any(b["name"] == "Ingress" for b in blocks):
+        blocks.insert(0, {"name": "Ingress"})
     models = {
         d["name"][len(MODEL_DEPLOYMENT_PREFIX) :]: d
         for d in blocks
@@ -296,13 +315,30 @@ def one_hop(config: Mapping[str, Any]) -> dict[str, Any]:
     first: dict[str, Any] = next(iter(models.values()), {})
     kept = []
     for block in blocks:
-        if block["name"] in (deployment_name(m) for m in models):
+        if block["name"].startswith(MODEL_DEPLOYMENT_PREFIX):
             continue
         if block["name"] == "Ingress":
-            block = {k: v for k, v in block.items() if k != "ray_actor_options"}
+            actor = block.pop("ray_actor_options", None) or {}
+            if actor.get("runtime_env"):
+                app["runtime_env"] = _app_env(app.get("runtime_env") or {}, actor["runtime_env"])
             block.update({k: first[k] for k in _FROM_MODEL_BLOCK if k in first})
-            live = {m: d["user_config"] for m, d in models.items() if "user_config" in d}
+            live = (block.get("user_config") or {}).get("models", {})
+            live |= {m: d["user_config"] for m, d in models.items() if "user_config" in d}
             block["user_config"] = {"models": live}
         kept.append(block)
     app["deployments"] = kept
+    return out
+
+
+def _app_env(app_env: Mapping[str, Any], ingress_env: Mapping[str, Any]) -> dict[str, Any]:
+    """The application's runtime_env with the Ingress's merged in: environment
+    variables key by key (the Ingress's win); any other field must not differ."""
+    out = dict(app_env)
+    for key, value in ingress_env.items():
+        if key == "env_vars":
+            out["env_vars"] = {**(out.get("env_vars") or {}), **value}
+        elif key in out and out[key] != value:
+            raise ValueError(f"the Ingress's runtime_env.{key} differs from the application's")
+        else:
+            out[key] = value
     return out

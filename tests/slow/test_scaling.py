@@ -247,7 +247,7 @@ class GpuProbe:
 def model_actor_options(app: serve.Application) -> dict[str, Any]:
     """The model deployment's ray_actor_options, as build_app set them."""
     ingress = app._bound_deployment
-    _settings, handles, _pool = ingress.init_args
+    _settings, handles, *_ = ingress.init_args
     (model,) = handles.values()
     options: dict[str, Any] = model._bound_deployment.ray_actor_options
     return options
@@ -272,6 +272,11 @@ def test_quarter_gpu_replicas_pack_four_to_a_card(tmp_path: Path) -> None:
         assert use_gpu_for("auto", cluster_gpus)
         options = model_actor_options(build_app({"device": "auto", "num_gpus": 0.25}))
         assert options == {"num_cpus": 1, "num_gpus": 0.25}
+        # One hop: the ingress replicas take the model's share (and get the GPU path).
+        one_hop = build_app({"device": "auto", "num_gpus": 0.25, "models_in_ingress": True})
+        ingress = one_hop._bound_deployment
+        assert ingress.ray_actor_options == options
+        assert ingress.init_args[1] == {} and ingress.init_args[3] == 0.25
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         # Five replicas asked for: four fit on the card, the fifth waits for a GPU.
         probe = GpuProbe.options(num_replicas=5, ray_actor_options=copy.deepcopy(options))

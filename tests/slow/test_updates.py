@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from ray import serve
 from test_scaling import (
+    IMAGE,
     MODEL,
     LocalServe,
     edited_config,
@@ -141,6 +142,34 @@ def test_model_swap_through_config_keeps_every_request(tmp_path: Path, topology:
         assert bad["model_version"] == "v2"
         assert bad["last_reconfigure_error"]["error"] == "ModelUnavailable"
         assert bad["last_reconfigure_error"]["model_version"] == "v3"
+        if topology == "one_hop":
+            _ingress_config_refused(cluster, port, fixed, after)
+
+
+def _ingress_config_refused(
+    cluster: LocalServe, port: int, fixed: dict[str, Any], serving: dict[str, Any]
+) -> None:
+    """One hop: an Ingress user_config naming a model it does not serve changes
+    nothing, and the model says so in /models."""
+    config = configured("one_hop", port, user_config={"max_batch_size": 1}, **fixed)
+    ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress["user_config"]["models"]["u2net"] = {}
+    cluster.deploy(config)
+    wait_for(
+        lambda: model_info(cluster)["last_reconfigure_error"]["error"] == "ValueError",
+        120,
+        "the refused user_config reported",
+    )
+    info = model_info(cluster)
+    with cluster.client(timeout=60) as client:
+        assert client.post("/remove", content=IMAGE).status_code == 200
+    # Not applied, not even its valid part: the same session, the batch size as before.
+    assert (info["pid"], info["file"], info["model_version"]) == (
+        serving["pid"],
+        serving["file"],
+        serving["model_version"],
+    )
+    assert info["max_batch_size"] == serving["max_batch_size"] == 4
 
 
 def test_scale_down_drains_in_flight_requests(tmp_path: Path) -> None:

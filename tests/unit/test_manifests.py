@@ -299,31 +299,3 @@ def test_front_proxies_match_the_service_limits() -> None:
     # sending these: nginx blanks them (an empty value is not forwarded).
     for header in ("X-Request-Timeout-Seconds", "X-Request-Disconnect-Disabled"):
         assert f'proxy_set_header {header} "";' in nginx
-
-
-def test_one_hop_moves_each_models_live_config_into_the_ingress() -> None:
-    config = {
-        "applications": [
-            {
-                "name": "rembg",
-                "import_path": "deployments.serve_app:build_app",
-                "args": {"models": [{"name": "u2netp"}, {"name": "isnet-general-use"}]},
-                "deployments": [
-                    {"name": "Ingress", "ray_actor_options": {"num_cpus": 0}},
-                    {"name": "Model_u2netp", "user_config": {"max_batch_size": 2}},
-                    {"name": "Model_isnet-general-use", "user_config": {"max_batch_size": 8}},
-                    {"name": "Pool", "user_config": {"max_batch_size": 4}},
-                ],
-            }
-        ]
-    }
-    app = one_hop(config)["applications"][0]
-    assert [d["name"] for d in app["deployments"]] == ["Ingress", "Pool"]
-    live = IngressLiveConfig.model_validate(app["deployments"][0]["user_config"])
-    assert {name: m.max_batch_size for name, m in live.models.items()} == {
-        "u2netp": 2,
-        "isnet-general-use": 8,
-    }
-    assert "ray_actor_options" not in app["deployments"][0]
-    # The input is left as it was.
-    assert len(config["applications"][0]["deployments"]) == 4
