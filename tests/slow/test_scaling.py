@@ -258,7 +258,8 @@ def replica_reports(handle: Any, want: int, timeout_s: float = 60) -> dict[str, 
     seen: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     while len(seen) < want and time.monotonic() < deadline:
-        for report in [r.result() for r in [handle.remote() for _ in range(16)]]:
+        # A bounded wait: a call that never answers fails the test instead of hanging it.
+        for report in [r.result(timeout_s=60) for r in [handle.remote() for _ in range(16)]]:
             seen[report["replica"]] = report
     return seen
 
