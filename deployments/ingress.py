@@ -274,12 +274,13 @@ class Ingress:
         in a busy model's queue, so busy reads as up and only a model with no
         running replica reads as down.
         """
+        # Models in this replica: up once loaded (this replica answers for them).
+        here = {name: s.loaded is not None for name, s in self.local.items()}
         try:
             app = (await self._serve_status.get()).applications[self.app_name]
         except Exception as exc:
             logger.warning("serve status unavailable: %r", exc)
-            down = dict.fromkeys([*self.handles, *self.settings.pooled_names], False)
-            return down | {name: s.loaded is not None for name, s in self.local.items()}
+            return dict.fromkeys([*self.handles, *self.settings.pooled_names], False) | here
 
         def running(deployment_name: str) -> bool:
             deployment = app.deployments.get(deployment_name)
@@ -288,7 +289,7 @@ class Ingress:
         up = {name: running(deployment_name(name)) for name in self.handles}
         pool_up = running(POOL_DEPLOYMENT)
         up.update(dict.fromkeys(self.settings.pooled_names, pool_up))
-        return up | {name: s.loaded is not None for name, s in self.local.items()}
+        return up | here
 
     async def models(self, timeout_s: float = 2.0) -> ModelsReport:
         """What each model's replica says of itself, or its last answer while it is

@@ -244,7 +244,7 @@ def u2netp_runs(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
         "order": list(order),
         "runs": runs,
         "modes": modes,
-        "fast_over_default": round(modes["fast"]["images_per_s"] / default, 3) if default else None,
+        "fast_over_default": round(fast / default, 3) if default else None,
         "one_hop_over_fast": round(modes["one-hop"]["images_per_s"] / fast, 3) if fast else None,
         "burst": bursts,
     }

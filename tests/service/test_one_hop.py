@@ -21,7 +21,7 @@ from conftest import (
     serve_config,
     start_test_service,
 )
-from deployments.bench.harness import serve_replicas, stop_process
+from deployments.bench.harness import post_rembg, serve_replicas, stop_process
 
 CAR = FIXTURES / "car-1.jpg"
 
@@ -45,11 +45,7 @@ def test_one_hop_matches_rembg(
     one_hop_service: Service, path: Path, reference_outputs: dict[str, bytes]
 ) -> None:
     with one_hop_service.client() as client:
-        response = client.post(
-            "/api/remove",
-            files={"file": (path.name, path.read_bytes())},
-            data={"model": "u2netp"},
-        )
+        response = post_rembg(client, path.name, path.read_bytes())
     assert response.status_code == 200, response.text
     assert_parity(path.name, response.content, reference_outputs[path.name])
 
