@@ -41,6 +41,10 @@ from deployments.settings import (
 )
 
 logger = logging.getLogger("ray.serve")
+# A record's ``extra`` that keeps it out of the console of `serve run` (Serve's
+# stderr handler drops it: Ray's ``log_to_stderr_filter``) and in the replica's log
+# file. The file's JSON line then carries ``"log_to_stderr": false`` too.
+FILE_ONLY: dict[str, bool] = {"log_to_stderr": False}
 
 # How old Serve's status may be when /healthz answers from it, and how long a
 # probe waits for it (then it reads as down: 503).
@@ -247,6 +251,9 @@ class Ingress:
         logger.info(
             "image done",
             extra={
+                # In the replica's JSON log file only: the console keeps Serve's
+                # one access line a request (FILE_ONLY).
+                **FILE_ONLY,
                 "model": served.model,
                 "width": served.width,
                 "height": served.height,

@@ -90,6 +90,16 @@ def test_replica_logs_are_json_with_request_fields(observed: Observed) -> None: 
         assert record["levelname"] == "INFO" and record["deployment"] == "rembg_Ingress"
     # Serve's access log line for each request carries the same id.
     assert set(ids) | {"test-bad"} <= _access_ids(ingress)
+    # The console of `serve run` has the access line a request, not "image done"
+    # (Ray forwards the replicas' console lines a little later than the files').
+    deadline = time.monotonic() + 30
+    while True:
+        console = [ln for ln in observed.service.log.read_text().splitlines() if ids[0] in ln]
+        if any("POST /remove 200" in ln for ln in console) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert any("POST /remove 200" in ln for ln in console), console
+    assert not any("image done" in ln for ln in console), console
 
     model = _wait_for(
         logs,
@@ -100,3 +110,5 @@ def test_replica_logs_are_json_with_request_fields(observed: Observed) -> None: 
     assert sum(r["batch_size"] for r in batches) >= 3
     assert all(r["model"] == "u2netp" and r["inference_ms"] > 0 for r in batches)
     assert all(r["deployment"] == "rembg_Model_u2netp" for r in batches)
+    # DEBUG, shown here because this service's model deployment logs at DEBUG.
+    assert all(r["levelname"] == "DEBUG" for r in batches)

@@ -57,7 +57,15 @@ def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
     """`serve run` on serve_config.yaml with ``logging_config.encoding`` set, in its
     own Ray temp dir (RAY_TMPDIR; short, as Ray's socket paths must stay < 108 bytes)."""
     temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
-    config = serve_config(free_port(), top={"logging_config": {"encoding": encoding}})
+    config = serve_config(
+        free_port(),
+        top={"logging_config": {"encoding": encoding}},
+        # The model replica's per-batch line is DEBUG: test_logs reads it.
+        # (A deployment's logging_config replaces the top level's: encoding again.)
+        deployments={
+            "Model_u2netp": {"logging_config": {"encoding": encoding, "log_level": "DEBUG"}}
+        },
+    )
     path = write_config(temp, config)
     env = {
         "RAY_TMPDIR": str(temp),

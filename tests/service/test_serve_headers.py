@@ -9,10 +9,13 @@ any client, before the app sees the request. The app bounds its own work
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -25,9 +28,8 @@ from conftest import (
     image_bytes,
     load_image,
     serve_config,
-    start_test_service,
 )
-from deployments.bench.harness import stop_process
+from deployments.bench.harness import start_service, stop_process, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -36,14 +38,19 @@ MATTING = "/remove?alpha_matting=true"
 
 
 @pytest.fixture(scope="module")
-def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("headers")
+def bounded() -> Iterator[Service]:
+    """The service, with its own Ray temp dir beside its console log (``_log_lines``
+    reads its replicas' log files there; short: Ray's socket paths stay < 108 bytes)."""
+    temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
     config = serve_config(free_port(), args={"work_timeout_s": WORK_S, "refine_warmup": "off"})
-    running = start_test_service(tmp, config)
+    running = start_service(
+        write_config(temp, config), temp / "serve.log", env={"RAY_TMPDIR": str(temp)}
+    )
     try:
         yield running
     finally:
         stop_process(running.process)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +60,14 @@ def big() -> bytes:
 
 
 def _log_lines(service: Service, request_id: str, timeout_s: float = 20) -> list[str]:
-    """The service log's lines for ``request_id`` once its access line is in."""
+    """The lines for ``request_id`` of the service's console and of its ingress
+    replicas' log files (where "image done" goes), once its access line is in."""
+    logs = service.log.parent / "ray" / "session_latest" / "logs" / "serve"
     end = time.monotonic() + timeout_s
     while True:
-        lines = [ln for ln in service.log.read_text().splitlines() if request_id in ln]
+        texts = [service.log.read_text()]
+        texts += [path.read_text() for path in sorted(logs.glob("replica_*_Ingress_*.log"))]
+        lines = [ln for text in texts for ln in text.splitlines() if request_id in ln]
         if any("POST /remove" in ln for ln in lines) or time.monotonic() > end:
             return lines
         time.sleep(0.2)
