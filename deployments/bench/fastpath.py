@@ -13,7 +13,12 @@ mode is measured through the same harness, in the same run:
    Ray's controller, GCS, raylet, dashboard), for a 64x64 JPEG (the fixed cost of a
    request) and a 1-megapixel JPEG -> PNG, uploads from two closed-loop clients
    after an unmeasured warm-up. The yardstick D is Pillow's decode of that 1 MP
-   JPEG in this process (``Image.open`` + ``load``, CPU time, median of 20);
+   JPEG in this process (``Image.open`` + ``load``, CPU time, median of 20),
+   taken before the first service and again in every mode's service before and
+   after its loads (the machine's speed drifts and a busy sibling core slows it):
+   D is the median of those samples. Taken beside it each time: each upload's
+   whole pipeline in this process with the same stand-in model, so that a
+   request's served CPU minus it is the service's own plumbing;
 2. with u2netp, the stock serve_config.yaml: a closed loop of 16 clients over the
    shared photos for a fixed time (images/s, latency p50 and p99 of the 200s), the
    modes' services started in turn A B B A (A B in a quick run), each after a short
@@ -61,7 +66,11 @@ from deployments.bench.stages import (
     make_input,
     standin_model,
 )
+from deployments.infer import OnnxModel
 from deployments.launch import FAST_PATH
+from deployments.models import spec_for
+from deployments.pipeline import remove
+from deployments.runtime import RuntimeConfig
 from deployments.settings import one_hop
 
 # The environment of `rembg-serve up` per mode; the fast one named in full so that
@@ -127,18 +136,41 @@ def _send(service: Running, data: bytes, times: int) -> None:
             client.post("/remove", content=data).raise_for_status()
 
 
+class Yardsticks:
+    """D and each upload's pipeline in this process, sampled through the run."""
+
+    def __init__(self, one_mp: bytes, uploads: dict[str, tuple[bytes, int]], model: Path) -> None:
+        self.one_mp = one_mp
+        self.uploads = {name: data for name, (data, _) in uploads.items()}
+        self.model = OnnxModel(model, spec_for("u2netp"), RuntimeConfig(intra_op_threads=1), 1)
+        self.decode_ms: list[float] = []
+        self.pipeline_ms: dict[str, list[float]] = {name: [] for name in self.uploads}
+
+    def sample(self) -> None:
+        self.decode_ms.append(cpu_ms(partial(_pillow_decode, self.one_mp), DECODE_REPEATS)[0])
+        for name, data in self.uploads.items():
+            work = partial(remove, data, self.model)
+            self.pipeline_ms[name].append(cpu_ms(work, DECODE_REPEATS)[0])
+
+    def medians(self) -> tuple[float, dict[str, float]]:
+        return statistics.median(self.decode_ms), {
+            name: statistics.median(v) for name, v in self.pipeline_ms.items()
+        }
+
+
 def standin_cpu(
-    directory: Path, mode: str, uploads: dict[str, tuple[bytes, int]], decode_ms: float
+    directory: Path, mode: str, uploads: dict[str, tuple[bytes, int]], yardsticks: Yardsticks
 ) -> Json:
-    """CPU ms per request of each process group (and of all), and in units of
-    ``decode_ms``, for each of ``uploads`` (name -> (file, requests)), through a
-    service with the stand-in model started in ``mode``."""
+    """CPU ms per request of each process group (and of all) for each of ``uploads``
+    (name -> (file, requests)), through a service with the stand-in model started in
+    ``mode``; ``yardsticks`` sampled in it before and after the loads."""
     directory.mkdir()
     standin = standin_model(directory)
     args = {"refine_warmup": "off", "models": [{"name": "u2netp", "path": str(standin)}]}
     rows: Json = {}
     with running_service(directory, config_for(mode, args), env=MODES[mode]) as service:
         session = service.process.pid
+        yardsticks.sample()
         for name, (data, count) in uploads.items():
             _send(service, data, WARMUP[name])
             # Groups read again after: a process started meanwhile (a worker, a
@@ -154,9 +186,20 @@ def standin_cpu(
                 "requests": count,
                 "bytes": len(data),
                 "cpu_ms": {g: round(v, 2) for g, v in per.items()},
-                "cpu_x_decode": {g: round(v / decode_ms, 2) for g, v in per.items()},
             }
+        yardsticks.sample()
     return rows
+
+
+def in_decodes(standin: Json, decode_ms: float, pipeline_ms: dict[str, float]) -> None:
+    """Add to each row of ``standin`` its CPU in units of D and its plumbing: the
+    served CPU of all processes minus the upload's pipeline in this process."""
+    for rows in standin.values():
+        for name, row in rows.items():
+            row["cpu_x_decode"] = {g: round(v / decode_ms, 2) for g, v in row["cpu_ms"].items()}
+            plumbing = row["cpu_ms"]["all"] - pipeline_ms[name]
+            row["plumbing_ms"] = round(plumbing, 2)
+            row["plumbing_x_decode"] = round(plumbing / decode_ms, 2)
 
 
 def burst(url: str, data: bytes, clients: int = BURST_CLIENTS) -> Json:
@@ -257,17 +300,24 @@ def run_section(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
     one_mp = make_input(photo, 1.0, "jpeg")
     counts = QUICK_UPLOADS if quick else UPLOADS
     uploads = {"64x64": (tiny_jpeg(photo), counts["64x64"]), "1mp": (one_mp, counts["1mp"])}
-    decode_ms, _ = cpu_ms(partial(_pillow_decode, one_mp), DECODE_REPEATS)
+    (tmp / "fastpath-standin").mkdir()
+    yardsticks = Yardsticks(one_mp, uploads, standin_model(tmp / "fastpath-standin"))
+    yardsticks.sample()
+    standin: Json = {}
+    for mode in MODES:
+        print(f"fastpath: CPU per request by process, stand-in model, {mode} mode ...", flush=True)
+        directory = tmp / f"fastpath-standin-{mode}"
+        standin[mode] = standin_cpu(directory, mode, uploads, yardsticks)
+    decode_ms, pipeline_ms = yardsticks.medians()
+    in_decodes(standin, decode_ms, pipeline_ms)
     results: Json = {
         "env": MODES,
         "decode_1mp_ms": round(decode_ms, 3),
         "decode_repeats": DECODE_REPEATS,
-        "standin": {},
+        "decode_samples_ms": [round(v, 3) for v in yardsticks.decode_ms],
+        "pipeline_ms": {name: round(v, 3) for name, v in pipeline_ms.items()},
+        "standin": standin,
     }
-    for mode in MODES:
-        print(f"fastpath: CPU per request by process, stand-in model, {mode} mode ...", flush=True)
-        directory = tmp / f"fastpath-standin-{mode}"
-        results["standin"][mode] = standin_cpu(directory, mode, uploads, decode_ms)
     results["u2netp"] = u2netp_runs(tmp, images, quick)
     return results
 
@@ -308,15 +358,23 @@ def targets(results: Json) -> list[tuple[str, float | bool | None, str, float | 
 
 
 def table(results: Json) -> list[str]:
-    decode = results["decode_1mp_ms"]
+    decode, samples = results["decode_1mp_ms"], results["decode_samples_ms"]
     lines = [
         "",
         "fastpath: Serve's fast path (HAProxy, throughput-optimized) against its default",
-        f"D = Pillow's decode of the 1 MP JPEG here: {decode} ms CPU"
-        f" (median of {results['decode_repeats']})",
+        f"D = Pillow's decode of the 1 MP JPEG here: {decode} ms CPU, the median of"
+        f" {len(samples)} samples through the run ({min(samples)}-{max(samples)} ms),"
+        f" each the median of {results['decode_repeats']}",
+        "in process (stand-in model, one thread): "
+        + ", ".join(
+            f"{name} {ms} ms ({round(ms / decode, 2)} D)"
+            for name, ms in results["pipeline_ms"].items()
+        ),
         "",
-        f"stand-in model, CPU ms per request by process group (x D), {CLIENTS} clients",
-        f"{'input':7}{'mode':>8}{'reqs':>6}" + "".join(f"{g:>14}" for g in (*GROUPS, "all")),
+        f"stand-in model, CPU ms per request by process group (x D), {CLIENTS} clients;"
+        " plumbing: all minus in process",
+        f"{'input':7}{'mode':>8}{'reqs':>6}"
+        + "".join(f"{g:>14}" for g in (*GROUPS, "all", "plumbing")),
     ]
     for name in UPLOADS:
         for mode, rows in results["standin"].items():
@@ -325,6 +383,7 @@ def table(results: Json) -> list[str]:
                 f"{row['cpu_ms'][g]:>7} ({row['cpu_x_decode'][g]})".rjust(14)
                 for g in (*GROUPS, "all")
             )
+            cells += f"{row['plumbing_ms']:>7} ({row['plumbing_x_decode']})".rjust(14)
             lines.append(f"{name:7}{mode:>8}{row['requests']:>6}{cells}")
     u2 = results["u2netp"]
     lines += [

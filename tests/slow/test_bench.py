@@ -201,6 +201,12 @@ def test_fastpath_section_measures_every_mode(tmp_path: Path) -> None:
 
     decode = results["decode_1mp_ms"]
     assert positive(decode)
+    # D sampled before the first service and twice in each mode's (before, after).
+    samples = results["decode_samples_ms"]
+    assert len(samples) == 1 + 2 * 3 and all(positive(v) for v in samples)
+    assert min(samples) <= decode <= max(samples)
+    pipeline = results["pipeline_ms"]
+    assert set(pipeline) == {"64x64", "1mp"} and pipeline["1mp"] > pipeline["64x64"] > 0
     assert set(results["env"]) == set(results["standin"]) == {"default", "fast", "one-hop"}
     for mode, rows in results["standin"].items():
         assert set(rows) == {"64x64", "1mp"}, mode
@@ -217,6 +223,9 @@ def test_fastpath_section_measures_every_mode(tmp_path: Path) -> None:
             parts = sum(cpu[g] for g in ("proxy", "ingress", "model", "ray"))
             assert cpu["all"] == pytest.approx(parts, abs=0.05), (mode, name, cpu)
             assert in_d["all"] == pytest.approx(cpu["all"] / decode, abs=0.01), (mode, name)
+            plumbing = cpu["all"] - pipeline[name]
+            assert row["plumbing_ms"] == pytest.approx(plumbing, abs=0.01), (mode, name)
+            assert row["plumbing_x_decode"] == pytest.approx(plumbing / decode, abs=0.01)
         # A megapixel costs the ingress more than a 64x64 thumbnail does.
         assert rows["1mp"]["cpu_ms"]["ingress"] > rows["64x64"]["cpu_ms"]["ingress"], mode
 
