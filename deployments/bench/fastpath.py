@@ -18,7 +18,9 @@ mode is measured through the same harness, in the same run:
    after its loads (the machine's speed drifts and a busy sibling core slows it):
    D is the median of those samples. Taken beside it each time: each upload's
    whole pipeline in this process with the same stand-in model, so that a
-   request's served CPU minus it is the service's own plumbing;
+   request's served CPU minus it is the service's own plumbing; and, on the fast
+   path, the 64x64 upload's CPU through a Serve app that does no work
+   (``echo_app``): the floor of Serve's own request path;
 2. with u2netp, the stock serve_config.yaml: a closed loop of 16 clients over the
    shared photos for a fixed time (images/s, latency p50 and p99 of the 200s), the
    modes' services started in turn A B B A (A B in a quick run), each after a short
@@ -48,6 +50,7 @@ import httpx
 from PIL import Image
 
 from deployments.bench.harness import (
+    SERVE_CONFIG,
     Json,
     Running,
     free_port,
@@ -71,7 +74,7 @@ from deployments.launch import FAST_PATH
 from deployments.models import spec_for
 from deployments.pipeline import remove
 from deployments.runtime import RuntimeConfig
-from deployments.settings import one_hop
+from deployments.settings import load_serve_config, one_hop
 
 # The environment of `rembg-serve up` per mode; the fast one named in full so that
 # a caller's environment that turns it off cannot make both modes the same.
@@ -169,26 +172,52 @@ def standin_cpu(
     args = {"refine_warmup": "off", "models": [{"name": "u2netp", "path": str(standin)}]}
     rows: Json = {}
     with running_service(directory, config_for(mode, args), env=MODES[mode]) as service:
-        session = service.process.pid
         yardsticks.sample()
         for name, (data, count) in uploads.items():
-            _send(service, data, WARMUP[name])
-            # Groups read again after: a process started meanwhile (a worker, a
-            # replica) is counted whole, as all its CPU was spent in the window.
-            before = _process_cpu(process_groups(session))
-            each = [count // CLIENTS + (i < count % CLIENTS) for i in range(CLIENTS)]
-            with ThreadPoolExecutor(CLIENTS) as pool:
-                list(pool.map(partial(_send, service, data), each))
-            after = _process_cpu(process_groups(session))
-            per = {g: (after.get(g, 0.0) - before.get(g, 0.0)) * 1000 / count for g in GROUPS}
-            per["all"] = sum(per.values())
-            rows[name] = {
-                "requests": count,
-                "bytes": len(data),
-                "cpu_ms": {g: round(v, 2) for g, v in per.items()},
-            }
+            rows[name] = _cpu_per_request(service, data, count, WARMUP[name])
         yardsticks.sample()
     return rows
+
+
+def _cpu_per_request(service: Running, data: bytes, count: int, warmup: int) -> Json:
+    """CPU ms of each process group (and of all) per upload of ``data``, ``count``
+    of them from ``CLIENTS`` closed-loop clients after ``warmup`` unmeasured."""
+    session = service.process.pid
+    _send(service, data, warmup)
+    # Groups read again after: a process started meanwhile (a worker, a
+    # replica) is counted whole, as all its CPU was spent in the window.
+    before = _process_cpu(process_groups(session))
+    each = [count // CLIENTS + (i < count % CLIENTS) for i in range(CLIENTS)]
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(partial(_send, service, data), each))
+    after = _process_cpu(process_groups(session))
+    per = {g: (after.get(g, 0.0) - before.get(g, 0.0)) * 1000 / count for g in GROUPS}
+    per["all"] = sum(per.values())
+    return {
+        "requests": count,
+        "bytes": len(data),
+        "cpu_ms": {g: round(v, 2) for g, v in per.items()},
+    }
+
+
+def echo_floor(directory: Path, data: bytes, count: int) -> Json:
+    """CPU ms per upload of ``data`` of all processes, through a Serve app that
+    does no work (``echo_app``) with serve_config.yaml's HTTP and logging settings,
+    on the fast path: the floor of Serve's own request path."""
+    directory.mkdir()
+    stock = load_serve_config(SERVE_CONFIG)
+    config: Json = {
+        "proxy_location": stock["proxy_location"],
+        "http_options": {**stock["http_options"], "port": free_port()},
+        "logging_config": stock["logging_config"],
+        "applications": [
+            {"name": "echo", "route_prefix": "/", "import_path": "deployments.bench.echo_app:app"}
+        ],
+    }
+    with running_service(directory, config, env=MODES["fast"]) as service:
+        row = _cpu_per_request(service, data, count, WARMUP["64x64"])
+    # The echo replica is not named Ingress: its CPU is in "ray"; only "all" is kept.
+    return {"requests": row["requests"], "cpu_ms": row["cpu_ms"]["all"]}
 
 
 def in_decodes(standin: Json, decode_ms: float, pipeline_ms: dict[str, float]) -> None:
@@ -308,8 +337,12 @@ def run_section(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
         print(f"fastpath: CPU per request by process, stand-in model, {mode} mode ...", flush=True)
         directory = tmp / f"fastpath-standin-{mode}"
         standin[mode] = standin_cpu(directory, mode, uploads, yardsticks)
+    print("fastpath: CPU per request of a Serve app that does no work ...", flush=True)
+    tiny, count = uploads["64x64"]
+    echo = echo_floor(tmp / "fastpath-echo", tiny, count)
     decode_ms, pipeline_ms = yardsticks.medians()
     in_decodes(standin, decode_ms, pipeline_ms)
+    echo["cpu_x_decode"] = round(echo["cpu_ms"] / decode_ms, 2)
     results: Json = {
         "env": MODES,
         "decode_1mp_ms": round(decode_ms, 3),
@@ -317,6 +350,7 @@ def run_section(tmp: Path, images: dict[str, bytes], quick: bool) -> Json:
         "decode_samples_ms": [round(v, 3) for v in yardsticks.decode_ms],
         "pipeline_ms": {name: round(v, 3) for name, v in pipeline_ms.items()},
         "standin": standin,
+        "echo_64x64": echo,
     }
     results["u2netp"] = u2netp_runs(tmp, images, quick)
     return results
@@ -370,6 +404,9 @@ def table(results: Json) -> list[str]:
             f"{name} {ms} ms ({round(ms / decode, 2)} D)"
             for name, ms in results["pipeline_ms"].items()
         ),
+        f"Serve's floor, fast path, an app that reads the upload and answers a fixed PNG:"
+        f" 64x64 {results['echo_64x64']['cpu_ms']} ms ({results['echo_64x64']['cpu_x_decode']} D)"
+        " of all processes",
         "",
         f"stand-in model, CPU ms per request by process group (x D), {CLIENTS} clients;"
         " plumbing: all minus in process",

@@ -207,6 +207,10 @@ def test_fastpath_section_measures_every_mode(tmp_path: Path) -> None:
     assert min(samples) <= decode <= max(samples)
     pipeline = results["pipeline_ms"]
     assert set(pipeline) == {"64x64", "1mp"} and pipeline["1mp"] > pipeline["64x64"] > 0
+    # The app that does no work spent CPU, less than the service does for the same upload.
+    echo = results["echo_64x64"]
+    assert 0 < echo["cpu_ms"] < results["standin"]["fast"]["64x64"]["cpu_ms"]["all"], echo
+    assert echo["cpu_x_decode"] == pytest.approx(echo["cpu_ms"] / decode, abs=0.01)
     assert set(results["env"]) == set(results["standin"]) == {"default", "fast", "one-hop"}
     for mode, rows in results["standin"].items():
         assert set(rows) == {"64x64", "1mp"}, mode
