@@ -39,11 +39,12 @@ FAST_PATH: Mapping[str, str] = {
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     # ... and replicas' lines still reach `serve run`'s console, as on the default
     # path (the optimized mode keeps them in the log files only; measured: 0.6 ms of
-    # CPU a request, in Ray's log forwarding, 2-core machine).
+    # CPU a request, in Ray's log forwarding, 2-core machine, with three lines a
+    # request on the console; one now: config/README.md "Logs").
     "RAY_SERVE_LOG_TO_STDERR": "1",
     # Serve's controller loops every 0.5 s, not every 0.1 s: its own and the GCS's
     # idle CPU 58 -> 24 ms a second (2-core machine; 0.2 ms a small request at
-    # 160/s, 0.8 ms a 1 MP one at 35/s), for a start ~0.5 s later and replica
+    # 160/s, ~1 ms a 1 MP one at 35/s), for a start ~0.5 s later and replica
     # changes seen up to 0.4 s later (autoscaling delays are in seconds anyway).
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     # HAProxy's idle limit for a client in the middle of a request (Ray: 3,600 s);

@@ -217,7 +217,10 @@ def new_replica(tmp: Path, images: dict[str, bytes], timeout_s: float = 300) -> 
     """
     port = free_port()
     edits: dict[str, Any] = {"args": {"num_cpus": 1}}
-    config = serve_config(port, **edits)
+    # A first answer is found by Serve's access line on the console, which
+    # serve_config.yaml turns off for the model deployment: on again here.
+    access = {"logging_config": {"enable_access_log": True}}
+    config = serve_config(port, **edits, deployments={MODEL_DEPLOYMENT: access})
     log = tmp / "cold-replica.log"
     # Ray folds repeated log lines into one "[repeated Nx]" line printed seconds
     # later: the new replica's first "CALL predict" must be printed when it happens.
@@ -230,7 +233,9 @@ def new_replica(tmp: Path, images: dict[str, bytes], timeout_s: float = 300) -> 
             more = serve_config(
                 port,
                 **edits,
-                deployments={MODEL_DEPLOYMENT: {"autoscaling_config": {"min_replicas": 2}}},
+                deployments={
+                    MODEL_DEPLOYMENT: {**access, "autoscaling_config": {"min_replicas": 2}}
+                },
             )
             serve_deploy(more, tmp, dashboard_address(log))
             started = time.perf_counter()

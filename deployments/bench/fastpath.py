@@ -79,7 +79,11 @@ from deployments.settings import load_serve_config, one_hop
 # The environment of `rembg-serve up` per mode; the fast one named in full so that
 # a caller's environment that turns it off cannot make both modes the same.
 MODES: dict[str, dict[str, str]] = {
-    "default": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+    "default": {
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
+    },
     "fast": dict(FAST_PATH),
     "one-hop": dict(FAST_PATH),
 }

@@ -112,3 +112,6 @@ def test_replica_logs_are_json_with_request_fields(observed: Observed) -> None: 
     assert all(r["deployment"] == "rembg_Model_u2netp" for r in batches)
     # DEBUG, shown here because this service's model deployment logs at DEBUG.
     assert all(r["levelname"] == "DEBUG" for r in batches)
+    # No Serve access line for the ingress's calls (serve_config.yaml turns it off).
+    calls = [r["message"] for r in model if r.get("message", "").startswith("CALL ")]
+    assert not calls, calls[:3]

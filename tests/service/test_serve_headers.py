@@ -42,14 +42,15 @@ def bounded() -> Iterator[Service]:
     """The service, with its own Ray temp dir beside its console log (``_log_lines``
     reads its replicas' log files there; short: Ray's socket paths stay < 108 bytes)."""
     temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
-    config = serve_config(free_port(), args={"work_timeout_s": WORK_S, "refine_warmup": "off"})
-    running = start_service(
-        write_config(temp, config), temp / "serve.log", env={"RAY_TMPDIR": str(temp)}
-    )
     try:
-        yield running
+        config = serve_config(free_port(), args={"work_timeout_s": WORK_S, "refine_warmup": "off"})
+        path = write_config(temp, config)
+        running = start_service(path, temp / "serve.log", env={"RAY_TMPDIR": str(temp)})
+        try:
+            yield running
+        finally:
+            stop_process(running.process)
     finally:
-        stop_process(running.process)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -65,10 +66,16 @@ def _log_lines(service: Service, request_id: str, timeout_s: float = 20) -> list
     logs = service.log.parent / "ray" / "session_latest" / "logs" / "serve"
     end = time.monotonic() + timeout_s
     while True:
-        texts = [service.log.read_text()]
-        texts += [path.read_text() for path in sorted(logs.glob("replica_*_Ingress_*.log"))]
+        files = sorted(logs.glob("replica_*_Ingress_*.log"))
+        texts = [service.log.read_text(), *(path.read_text() for path in files)]
         lines = [ln for text in texts for ln in text.splitlines() if request_id in ln]
-        if any("POST /remove" in ln for ln in lines) or time.monotonic() > end:
+        # The access line is in the ingress's file too: found there, the file
+        # that "image done" would be in was read.
+        in_file = any(
+            "POST /remove" in ln for f in texts[1:] for ln in f.splitlines() if request_id in ln
+        )
+        if in_file or time.monotonic() > end:
+            assert files, f"no ingress replica log under {logs}"
             return lines
         time.sleep(0.2)
 

@@ -71,6 +71,18 @@ def test_gpu_serve_config_file_is_the_rayservice_one() -> None:
     assert load(CONFIG / "serve_config.gpu.yaml") == serve_config_v2()
 
 
+@pytest.mark.parametrize("name", ["serve_config.yaml", "config/serve_config.gpu.yaml"])
+def test_model_deployments_log_as_the_top_level_without_access_lines(name: str) -> None:
+    """A deployment's logging_config replaces the top-level one whole (Ray 2.60):
+    each model deployment's must be the top level's with Serve's access line off."""
+    config = load(ROOT / name)
+    top = config["logging_config"]
+    models = [d for d in config["applications"][0]["deployments"] if d["name"].startswith("Model_")]
+    assert models
+    for deployment in models:
+        assert deployment["logging_config"] == {**top, "enable_access_log": False}, deployment
+
+
 def test_overrides_touch_only_what_a_gpu_cluster_changes() -> None:
     base = load(ROOT / "serve_config.yaml")["applications"][0]
     gpu = serve_config_v2()["applications"][0]
