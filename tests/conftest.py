@@ -8,10 +8,13 @@ only change is a free port (deployments.bench.harness, shared with the benchmark
 from __future__ import annotations
 
 import io
+import shutil
 import struct
 import sys
+import tempfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +181,28 @@ def start_test_service(tmp: Path, config: dict[str, object] | None = None) -> Se
     """`serve run` of ``config`` (default: serve_config.yaml on a free port)."""
     path = write_config(tmp, config or serve_config(free_port()))
     return start_service(path, tmp / "serve.log")
+
+
+@contextmanager
+def service_with_own_ray(
+    config: dict[str, object], env: dict[str, str] | None = None
+) -> Iterator[Service]:
+    """`serve run` of ``config`` with a Ray temp dir of its own (RAY_TMPDIR; short, as
+    Ray's socket paths must stay < 108 bytes), its config and console log in it, so
+    that its replicas' log files are at ``service.log.parent / "ray" /
+    "session_latest"``; the dir is removed after."""
+    temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    try:
+        path = write_config(temp, config)
+        running = start_service(
+            path, temp / "serve.log", env={**(env or {}), "RAY_TMPDIR": str(temp)}
+        )
+        try:
+            yield running
+        finally:
+            stop_process(running.process)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

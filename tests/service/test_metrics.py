@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,8 +22,8 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Service, free_port, gradient, image_bytes
-from deployments.bench.harness import serve_config, start_service, stop_process, write_config
+from conftest import Service, free_port, gradient, image_bytes, service_with_own_ray
+from deployments.bench.harness import serve_config
 
 
 @dataclass
@@ -54,9 +52,8 @@ class Observed:
 
 @contextmanager
 def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
-    """`serve run` on serve_config.yaml with ``logging_config.encoding`` set, in its
-    own Ray temp dir (RAY_TMPDIR; short, as Ray's socket paths must stay < 108 bytes)."""
-    temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    """`serve run` on serve_config.yaml with ``logging_config.encoding`` set, with
+    its own Ray temp dir (``service_with_own_ray``)."""
     config = serve_config(
         free_port(),
         top={"logging_config": {"encoding": encoding}},
@@ -66,9 +63,7 @@ def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
             "Model_u2netp": {"logging_config": {"encoding": encoding, "log_level": "DEBUG"}}
         },
     )
-    path = write_config(temp, config)
     env = {
-        "RAY_TMPDIR": str(temp),
         # Export every second instead of every ten, so the scrape sees requests soon.
         "RAY_metrics_report_interval_ms": "1000",
         # Ray's agent keeps a gauge for two export intervals (2 s here) and the
@@ -76,15 +71,8 @@ def observed_service(encoding: str = "JSON") -> Iterator[Observed]:
         # change: it was in a scrape 2 s out of 10. Set on every control loop instead.
         "RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S": "0",
     }
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        service = start_service(path, temp / "serve.log", timeout_s=300)
-    try:
-        yield Observed(service, (temp / "ray" / "session_latest").resolve())
-    finally:
-        stop_process(service.process)
-        shutil.rmtree(temp, ignore_errors=True)
+    with service_with_own_ray(config, env) as service:
+        yield Observed(service, (service.log.parent / "ray" / "session_latest").resolve())
 
 
 _SHARED: list[tuple[Observed, ExitStack]] = []

@@ -9,13 +9,10 @@ any client, before the app sees the request. The app bounds its own work
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -28,8 +25,8 @@ from conftest import (
     image_bytes,
     load_image,
     serve_config,
+    service_with_own_ray,
 )
-from deployments.bench.harness import start_service, stop_process, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -39,19 +36,11 @@ MATTING = "/remove?alpha_matting=true"
 
 @pytest.fixture(scope="module")
 def bounded() -> Iterator[Service]:
-    """The service, with its own Ray temp dir beside its console log (``_log_lines``
-    reads its replicas' log files there; short: Ray's socket paths stay < 108 bytes)."""
-    temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
-    try:
-        config = serve_config(free_port(), args={"work_timeout_s": WORK_S, "refine_warmup": "off"})
-        path = write_config(temp, config)
-        running = start_service(path, temp / "serve.log", env={"RAY_TMPDIR": str(temp)})
-        try:
-            yield running
-        finally:
-            stop_process(running.process)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    """The service, with its own Ray temp dir (``_log_lines`` reads its replicas' log
+    files there)."""
+    config = serve_config(free_port(), args={"work_timeout_s": WORK_S, "refine_warmup": "off"})
+    with service_with_own_ray(config) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +56,13 @@ def _log_lines(service: Service, request_id: str, timeout_s: float = 20) -> list
     end = time.monotonic() + timeout_s
     while True:
         files = sorted(logs.glob("replica_*_Ingress_*.log"))
-        texts = [service.log.read_text(), *(path.read_text() for path in files)]
-        lines = [ln for text in texts for ln in text.splitlines() if request_id in ln]
+        console = [ln for ln in service.log.read_text().splitlines() if request_id in ln]
+        in_files = [ln for f in files for ln in f.read_text().splitlines() if request_id in ln]
         # The access line is in the ingress's file too: found there, the file
         # that "image done" would be in was read.
-        in_file = any(
-            "POST /remove" in ln for f in texts[1:] for ln in f.splitlines() if request_id in ln
-        )
-        if in_file or time.monotonic() > end:
+        if any("POST /remove" in ln for ln in in_files) or time.monotonic() > end:
             assert files, f"no ingress replica log under {logs}"
-            return lines
+            return console + in_files
         time.sleep(0.2)
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import statistics
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -33,7 +31,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import Service, free_port, serve_config
+from conftest import Service, free_port, serve_config, service_with_own_ray
 from deployments.bench.harness import (
     Load,
     Outcome,
@@ -46,9 +44,6 @@ from deployments.bench.harness import (
     serve_replicas,
     shared_bytes,
     shared_images,
-    start_service,
-    stop_process,
-    write_config,
 )
 from deployments.settings import AppSettings
 
@@ -88,7 +83,7 @@ class Observed:
 
 
 @pytest.fixture(scope="module")
-def half_speed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+def half_speed() -> Iterator[Observed]:
     # Fixed replica counts: the capacity the test reasons about stays fixed.
     fixed = {"autoscaling_config": None, "num_replicas": 1}
     config = serve_config(
@@ -96,16 +91,9 @@ def half_speed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         args={"num_cpus": 1},
         deployments={"Ingress": fixed, "Model_u2netp": fixed},
     )
-    tmp = tmp_path_factory.mktemp("overload")
-    # Its own short Ray temp dir (socket paths must stay short), to read Serve's logs.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ov-", dir="/tmp"))
-    path = write_config(tmp, config)
-    running = start_service(path, tmp / "serve.log", env={"RAY_TMPDIR": str(ray_tmp)})
-    try:
-        yield Observed(running, ray_tmp)
-    finally:
-        stop_process(running.process)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    # Its own Ray temp dir, to read Serve's logs.
+    with service_with_own_ray(config) as running:
+        yield Observed(running, running.log.parent)
 
 
 def p95(values: list[float]) -> float:
