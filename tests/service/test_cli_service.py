@@ -1,5 +1,5 @@
 """`rembg-serve` against the running service: remove (folders, options), health, a real
-cut-out, a pooled model named as a dedicated one."""
+cut-out. A pooled model through the CLI: tests/service/test_pool_service.py."""
 
 from __future__ import annotations
 
@@ -18,13 +18,8 @@ from conftest import (
     gradient,
     image_bytes,
     load_image,
-    serve_config,
-    start_test_service,
 )
-from deployments.bench.harness import stop_process
 from deployments.cli import main
-from deployments.client import Client, Options
-from deployments.models import resolve_model_file
 
 
 def _tree(root: Path) -> Path:
@@ -119,49 +114,3 @@ def test_remove_into_its_own_input_folder_and_an_empty_output_redone(
     assert main(args) == 0
     assert "1 done, 1 already there, 0 failed" in capsys.readouterr().out
     assert load_image(out / "a.png").size == (64, 48)
-
-
-@pytest.mark.e2e
-def test_a_pooled_model_through_the_cli_and_the_client(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A pooled name is named as a dedicated one (`--model`, ``Options(model=)``) and
-    cuts the same pixels; `health` and ``models()`` show where it is loaded. The
-    pooled model is u2netp's file under another name (no other weights here)."""
-    copy = tmp_path / "pool-a.onnx"
-    shutil.copyfile(resolve_model_file("u2netp"), copy)
-    pool = {
-        "models": [{"name": "pool-a", "model": "u2netp", "path": str(copy), "bytes": 10**8}],
-        "budget_bytes": 10**9,
-    }
-    # One CPU each for the dedicated model and the pool; batch 1: one warm-up shape.
-    config = serve_config(free_port(), args={"pool": pool, "num_cpus": 1})
-    config["applications"][0]["deployments"].append(
-        {"name": "Pool", "user_config": {"max_batch_size": 1}}
-    )
-    service = start_test_service(tmp_path, config)
-    try:
-        car = tmp_path / "car.jpg"
-        shutil.copy(FIXTURES / "car-1.jpg", car)
-        out = tmp_path / "out"
-        args = ["remove", str(car), "-o", str(out), "--url", service.url, "-q"]
-        assert main([*args, "--model", "pool-a"]) == 0
-        with Client(service.url) as client:
-            pooled = client.remove(car, Options(model="pool-a"))
-            dedicated = client.remove(car, Options(model="u2netp"))
-            models = client.models()
-        assert (pooled.model, dedicated.model) == ("pool-a", "u2netp")
-        assert pooled.data == dedicated.data == (out / "car.png").read_bytes()
-        assert models.pool is not None and models.pool.replica is not None
-        (info,) = models.pool.replica.models
-        # Loaded once, by the first request (a miss); the second hit: one count each.
-        assert (info.name, info.loaded, info.bytes, info.loads) == ("pool-a", True, 10**8, 1)
-        assert (info.hits, info.failures) == (1, 0)
-        capsys.readouterr()
-        assert main(["health", "--url", service.url]) == 0
-        printed = capsys.readouterr().out
-        replica = models.pool.replica.replica
-        line = f"    pool-a: loaded on {replica}, 95 MiB, loads 1, hits {info.hits}"
-        assert line in printed, printed
-    finally:
-        stop_process(service.process)

@@ -3,7 +3,8 @@
 The copies are u2netp's file under other names and paths (no other weights can be
 fetched here), each charged a declared size, so that "holds two" does not hang
 on a measurement; a file that is no model stands for a broken one. Every answer
-must equal the dedicated u2netp's for the same image, pixel for pixel.
+must equal the dedicated u2netp's for the same image, pixel for pixel. The same
+service takes a pooled model through `rembg-serve` and the Python client.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from PIL import Image
 
 from conftest import FIXTURES, Service, free_port, serve_config, start_test_service
 from deployments.bench.harness import stop_process
+from deployments.cli import main
+from deployments.client import Client, Options
 from deployments.models import resolve_model_file
 
 pytestmark = pytest.mark.e2e
@@ -144,3 +147,34 @@ def test_a_broken_pooled_model_fails_alone_and_an_unknown_one_is_404(pooled: Ser
         models = {m["name"]: m for m in pool_state(client)["models"]}
         assert models[BROKEN]["failures"] == 1, models[BROKEN]
         assert models[BROKEN]["error"] == "ModelUnavailable" and not models[BROKEN]["loaded"]
+
+
+def test_a_pooled_model_through_the_cli_and_the_client(
+    pooled: Service, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pooled name is named as a dedicated one (`--model`, ``Options(model=)``) and
+    cuts the same pixels; `health` and ``models()`` show where it is loaded."""
+    name = POOLED[0]
+    car = tmp_path / "car.jpg"
+    shutil.copy(FIXTURES / "car-1.jpg", car)
+    out = tmp_path / "out"
+    args = ["remove", str(car), "-o", str(out), "--url", pooled.url, "-q"]
+    assert main([*args, "--model", name]) == 0
+    with Client(pooled.url) as client:
+        cut = client.remove(car, Options(model=name))
+        dedicated = client.remove(car, Options(model="u2netp"))
+        models = client.models()
+    assert (cut.model, dedicated.model) == (name, "u2netp")
+    assert cut.data == dedicated.data == (out / "car.png").read_bytes()
+    assert models.pool is not None and models.pool.replica is not None
+    info = next(m for m in models.pool.replica.models if m.name == name)
+    # Loaded by the CLI's request (or before it), so the client's was a hit.
+    assert (info.loaded, info.bytes, info.failures) == (True, MODEL_BYTES, 0)
+    assert info.loads >= 1 and info.hits >= 1, info
+    capsys.readouterr()
+    assert main(["health", "--url", pooled.url]) == 0
+    printed = capsys.readouterr().out
+    replica = models.pool.replica.replica
+    mib = f"{MODEL_BYTES / 2**20:.0f} MiB"
+    line = f"    {name}: loaded on {replica}, {mib}, loads {info.loads}, hits {info.hits}"
+    assert line in printed, printed
