@@ -27,6 +27,7 @@ from deployments.bench.harness import (
     free_port,
     rembg_home,
     rembg_reference,
+    running_service,
     serve_config,
     start_service,
     stop_process,
@@ -193,14 +194,8 @@ def service_with_own_ray(
     "session_latest"``; the dir is removed after."""
     temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
     try:
-        path = write_config(temp, config)
-        running = start_service(
-            path, temp / "serve.log", env={**(env or {}), "RAY_TMPDIR": str(temp)}
-        )
-        try:
+        with running_service(temp, config, env={**(env or {}), "RAY_TMPDIR": str(temp)}) as running:
             yield running
-        finally:
-            stop_process(running.process)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
